@@ -1,0 +1,663 @@
+"""Per-process input pipelines: TFDS CIFAR/ImageNet, image folders, digits.
+
+`config.dataset` is one of
+  * `cifar10`, `cifar100`, `imagenet2012`: TFDS datasets prepared in
+    `config.data_dir` (TFDS's default when unset); nothing is downloaded.
+  * `folder:ROOT`: `ROOT/train/<class>/*` and `ROOT/val/<class>/*` (JPEG or
+    PNG, any size); classes sorted by name are the label ids.
+    `config.folder_preprocessing` picks ImageNet-style or CIFAR-style
+    preprocessing; CIFAR-style folders are resized to `image_size` and
+    normalised with the ImageNet statistics on the 0..255 scale.
+  * `digits`: scikit-learn's 1,797 handwritten 8x8 digits (0..16 scaled to
+    0..255), resized to `image_size` (default 16) RGB. Fixed split: in file
+    order, the k-th image of each class (k = 0, 1, ...) is a test image iff
+    k % 5 == 4, giving 1,440 training and 357 test images. CIFAR-style
+    preprocessing with the training split's mean/std and padding
+    image_size // 8.
+
+Training order (CIFAR, digits, folders): the stream of example indices is the
+concatenation of per-epoch permutations seeded by (seed, epoch); global step s
+takes positions [s*B, (s+1)*B), wrapping across epochs (nothing is dropped),
+and process p takes the contiguous slice [p*b, (p+1)*b) of it. Augmentation is
+keyed by (seed, step, position in the global batch). Batches are therefore
+independent of the process count, and a resumed run needs no replay.
+CIFAR/digits (and CIFAR-style folders with `config.cache`) are decoded into
+host memory once.
+
+ImageNet (TFDS) is streamed: each process reads
+`tfds.split_for_jax_process('train')`, shuffled per epoch with a seed from
+(seed, epoch, process), and drops its epoch's incomplete last batch; resuming
+at step s re-reads (without decoding) the skipped part of the current epoch,
+up to one epoch of each process's shard. Its order depends on the process
+count.
+
+Evaluation: process p takes a contiguous part of the (first
+`max_eval_examples`) evaluation examples; every process yields the same
+number of batches, padded with `mask` 0, so each example counts once.
+"""
+
+import dataclasses
+import functools
+import itertools
+import math
+import os
+from typing import Iterable, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from gunn_jax import errors, preprocessing
+
+# TensorFlow only feeds the host; JAX owns the accelerators.
+tf.config.set_visible_devices([], 'GPU')
+
+_TFDS_SPLITS = {
+  'cifar10': ('train', 'test'),
+  'cifar100': ('train', 'test'),
+  'imagenet2012': ('train', 'validation'),
+}
+_FOLDER_PREFIX = 'folder:'
+_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+_DEFAULT_SIZE = {'cifar': 32, 'imagenet': 224, 'digits': 16}
+_DIGITS_TEST_EVERY = 5
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and the training loop need to know about a dataset.
+
+  Attributes:
+    num_classes: number of labels.
+    num_train_examples: size of the whole training split (all processes).
+    num_eval_examples: examples evaluated (whole split or max_eval_examples).
+    image_shape: (H, W, C) of the model inputs.
+    class_names: label names, indexed by label id.
+  """
+
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+  image_shape: tuple[int, int, int]
+  class_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+  """Examples addressable by index: uint8 images [N, H, W, 3] or paths [N]."""
+
+  data: np.ndarray
+  labels: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """The resolved `config.dataset`: kind, style, input size and statistics."""
+
+  kind: str  # 'tfds', 'folder' or 'digits'.
+  name: str  # TFDS name, folder root or 'digits'.
+  style: str  # 'cifar' or 'imagenet'.
+  image_size: int
+
+  @property
+  def pad(self) -> int:
+    return self.image_size // 8
+
+
+def _resolve(config) -> _Spec:
+  """Validates the dataset keys of `config`."""
+  dataset = config.dataset
+  if dataset in _TFDS_SPLITS:
+    kind, name = 'tfds', dataset
+    style = 'imagenet' if dataset == 'imagenet2012' else 'cifar'
+  elif dataset == 'digits':
+    kind, name, style = 'digits', dataset, 'cifar'
+  elif dataset.startswith(_FOLDER_PREFIX):
+    kind, name = 'folder', dataset[len(_FOLDER_PREFIX) :]
+    style = config.folder_preprocessing
+    if style not in ('imagenet', 'cifar'):
+      raise errors.UserError(
+        f'folder_preprocessing must be "imagenet" or "cifar", got {style!r}.'
+      )
+  else:
+    raise errors.UserError(
+      f'Unknown dataset {dataset!r}; use cifar10, cifar100, imagenet2012, '
+      'digits or folder:/path/to/root.'
+    )
+  if config.ten_crop and style != 'imagenet':
+    raise errors.UserError(
+      f'ten_crop applies to ImageNet-style data only, not {dataset!r}; set '
+      'ten_crop=False.'
+    )
+  default = _DEFAULT_SIZE['digits' if kind == 'digits' else style]
+  return _Spec(kind, name, style, config.image_size or default)
+
+
+def _processes(process_index, process_count) -> tuple[int, int]:
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  return process_index, process_count
+
+
+def _host_batch_size(config, key: str, process_count: int) -> int:
+  size = config[key]
+  if size <= 0 or size % process_count:
+    raise errors.UserError(
+      f'{key}={size} must be a positive multiple of the process count '
+      f'{process_count}.'
+    )
+  return size // process_count
+
+
+def _tfds_builder(spec: _Spec, config):
+  """Returns the prepared TFDS builder or raises a one-line UserError."""
+  builder = tfds.builder(spec.name, data_dir=config.data_dir)
+  if not builder.is_prepared():
+    root = os.path.dirname(os.path.dirname(builder.data_dir))
+    raise errors.UserError(
+      f'TFDS dataset {spec.name} is not prepared in {root}; on a machine '
+      f'with internet run `tfds build {spec.name} --data_dir=DIR` (ImageNet '
+      'needs its manual download) and set config.data_dir=DIR.'
+    )
+  return builder
+
+
+def _split_size(builder, split: str) -> int:
+  """The one place split sizes are read from TFDS metadata."""
+  return builder.info.splits[split].num_examples
+
+
+def _scan_folder(root: str, split: str, classes=None):
+  """Lists `root/split/<class>/*` images; returns (paths, labels, classes)."""
+  directory = os.path.join(root, split)
+  how = f'expected {root}/{{train,val}}/<class>/<image>.jpg|.png'
+  if not os.path.isdir(directory):
+    raise errors.UserError(f'Image folder {directory} is missing; {how}.')
+  found = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+  if not found:
+    raise errors.UserError(f'No class folders in {directory}; {how}.')
+  classes = classes or found
+  unknown = sorted(set(found) - set(classes))
+  if unknown:
+    raise errors.UserError(
+      f'Classes {unknown} in {directory} are not in the training classes; '
+      f'{how}.'
+    )
+  paths, labels = [], []
+  for name in found:
+    class_dir = os.path.join(directory, name)
+    files = sorted(
+      e.path
+      for e in os.scandir(class_dir)
+      if e.is_file() and e.name.lower().endswith(_IMAGE_EXTENSIONS)
+    )
+    if not files:
+      raise errors.UserError(f'No JPEG or PNG images in {class_dir}; {how}.')
+    paths += files
+    labels += [classes.index(name)] * len(files)
+  return np.array(paths), np.array(labels, np.int32), tuple(classes)
+
+
+@functools.lru_cache(maxsize=4)
+def _digits(image_size: int) -> tuple[_Split, _Split, tuple, tuple]:
+  """Digits train/test splits and the training split's mean/std."""
+  from sklearn import datasets  # Imported lazily: only digits needs it.
+
+  digits = datasets.load_digits()
+  images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+  images = preprocessing.resize_square_uint8(images, image_size).numpy()
+  labels = digits.target.astype(np.int32)
+  rank = np.zeros_like(labels)
+  for label in np.unique(labels):
+    where = np.flatnonzero(labels == label)
+    rank[where] = np.arange(len(where))
+  test = rank % _DIGITS_TEST_EVERY == _DIGITS_TEST_EVERY - 1
+  train_images = images[~test].astype(np.float64)
+  mean = tuple(train_images.mean(axis=(0, 1, 2)).tolist())
+  std = tuple(train_images.std(axis=(0, 1, 2)).tolist())
+  return (
+    _Split(images[~test], labels[~test]),
+    _Split(images[test], labels[test]),
+    mean,
+    std,
+  )
+
+
+def _cifar_stats(spec: _Spec) -> tuple[tuple, tuple]:
+  if spec.kind == 'digits':
+    return _digits(spec.image_size)[2:]
+  if spec.kind == 'tfds':
+    return preprocessing.CIFAR_STATS[spec.name]
+  scale = lambda values: tuple(255 * v for v in values)
+  return scale(preprocessing.IMAGENET_MEAN), scale(preprocessing.IMAGENET_STD)
+
+
+def _decode(spec: _Spec, data) -> tf.Tensor:
+  """Maps a split's element (uint8 image or file path) to a uint8 image."""
+  if data.dtype != tf.string:
+    return data
+  image = tf.io.decode_image(
+    tf.io.read_file(data), channels=3, expand_animations=False
+  )
+  if spec.style == 'cifar':
+    image = preprocessing.resize_square_uint8(image, spec.image_size)
+  return image
+
+
+def _imagenet_eval_fn(spec: _Spec, config):
+  return functools.partial(
+    preprocessing.imagenet_eval, size=spec.image_size, ten_crop=config.ten_crop
+  )
+
+
+def _outputs(example, images) -> dict:
+  out = {'images': images, 'labels': tf.cast(example['label'], tf.int32)}
+  if 'mask' in example:
+    out['mask'] = example['mask']
+  return out
+
+
+def _map_fns(spec: _Spec, config, split: _Split, train: bool):
+  """Per-example and per-batch tf.data functions (either may be None).
+
+  Examples are dicts of 'data' (uint8 image or file path), 'label' and either
+  'step' and 'slot' (training) or 'mask' (evaluation). ImageNet-style data is
+  decoded and augmented per example; CIFAR-style data is decoded per example
+  (files only) and augmented per batch, which is several times faster.
+  """
+  if spec.style == 'imagenet':
+    eval_fn = _imagenet_eval_fn(spec, config)
+
+    def per_example(example):
+      image = _decode(spec, example['data'])
+      if not train:
+        return _outputs(example, eval_fn(image))
+      slot, step = example['slot'], example['step']
+      rng = preprocessing.example_rng(config.seed, step, slot)
+      image = preprocessing.imagenet_train(image, rng, size=spec.image_size)
+      return _outputs(example, image)
+
+    return per_example, None
+
+  mean, std = _cifar_stats(spec)
+
+  def per_batch(batch):
+    if not train:
+      return _outputs(batch, preprocessing.normalize(batch['data'], mean, std))
+    images = preprocessing.cifar_train(
+      batch['data'],
+      preprocessing.step_rng(config.seed, batch['step'][0]),
+      batch['slot'],
+      batch_size=config.batch_size,
+      mean=mean,
+      std=std,
+      pad=spec.pad,
+      roll=config.roll_augmentation,
+    )
+    return _outputs(batch, images)
+
+  decode = lambda example: {**example, 'data': _decode(spec, example['data'])}
+  return (decode if split.data.dtype.kind == 'U' else None), per_batch
+
+
+def _load_tfds_split(spec: _Spec, config, split: str) -> _Split:
+  builder = _tfds_builder(spec, config)
+  data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+  images = data['image']
+  if images.shape[1:3] != (spec.image_size,) * 2:
+    images = preprocessing.resize_square_uint8(images, spec.image_size).numpy()
+  return _Split(images, data['label'].astype(np.int32))
+
+
+def _load_split(spec: _Spec, config, train: bool) -> _Split:
+  """Loads an index-addressable split (all datasets but imagenet2012)."""
+  if spec.kind == 'digits':
+    return _digits(spec.image_size)[0 if train else 1]
+  if spec.kind == 'tfds':
+    return _load_tfds_split(spec, config, _TFDS_SPLITS[spec.name][not train])
+  classes = None if train else _scan_folder(spec.name, 'train')[2]
+  paths, labels, _ = _scan_folder(
+    spec.name, 'train' if train else 'val', classes
+  )
+  if spec.style == 'imagenet' or not config.cache:
+    return _Split(paths, labels)
+  images = tf.data.Dataset.from_tensor_slices(paths)
+  images = images.map(
+    functools.partial(_decode, spec), num_parallel_calls=_AUTOTUNE
+  )
+  images = np.stack(list(images.batch(1024).as_numpy_iterator()))
+  return _Split(images.reshape(-1, *images.shape[-3:]), labels)
+
+
+def get_dataset_info(config) -> DatasetInfo:
+  """Returns sizes, classes and input shape of `config.dataset`.
+
+  Args:
+    config: the experiment config.
+
+  Returns:
+    The dataset's `DatasetInfo`.
+
+  Raises:
+    errors.UserError: unknown dataset, missing TFDS data or bad folder.
+  """
+  spec = _resolve(config)
+  if spec.kind == 'tfds':
+    builder = _tfds_builder(spec, config)
+    train_split, eval_split = _TFDS_SPLITS[spec.name]
+    num_train = _split_size(builder, train_split)
+    num_eval = _split_size(builder, eval_split)
+    class_names = tuple(builder.info.features['label'].names)
+  elif spec.kind == 'digits':
+    train, test = _digits(spec.image_size)[:2]
+    num_train, num_eval = len(train.labels), len(test.labels)
+    class_names = tuple(str(i) for i in range(10))
+  else:
+    num_train, _, class_names = _scan_folder(spec.name, 'train')
+    num_train = len(num_train)
+    num_eval = len(_scan_folder(spec.name, 'val', class_names)[0])
+  if config.max_eval_examples > 0:
+    num_eval = min(num_eval, config.max_eval_examples)
+  return DatasetInfo(
+    num_classes=len(class_names),
+    num_train_examples=num_train,
+    num_eval_examples=num_eval,
+    image_shape=(spec.image_size, spec.image_size, 3),
+    class_names=class_names,
+  )
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int):
+  rng = np.random.default_rng([seed % 2**32, epoch])
+  return rng.permutation(num_examples)
+
+
+def global_batch_indices(
+  num_examples: int, batch_size: int, seed: int, step: int
+) -> np.ndarray:
+  """Example indices of the global training batch at `step`.
+
+  Positions [step * batch_size, (step + 1) * batch_size) of the concatenated
+  per-epoch permutations of range(num_examples), seeded by (seed, epoch).
+
+  Args:
+    num_examples: size of the training split.
+    batch_size: global batch size.
+    seed: `config.seed`.
+    step: global training step.
+
+  Returns:
+    int64 [batch_size] indices.
+  """
+  positions = step * batch_size + np.arange(batch_size)
+  epochs, offsets = np.divmod(positions, num_examples)
+  return np.concatenate(
+    [
+      _epoch_permutation(num_examples, seed, int(epoch))[
+        offsets[epochs == epoch]
+      ]
+      for epoch in np.unique(epochs)
+    ]
+  )
+
+
+def _from_host_batches(batches, first: dict, fns, batch_size: int):
+  """tf.data pipeline over a generator of host-batch dicts of numpy arrays."""
+  signature = {
+    k: tf.TensorSpec(
+      (batch_size, *v.shape[1:]),
+      tf.string if v.dtype.kind == 'U' else tf.as_dtype(v.dtype),
+    )
+    for k, v in first.items()
+  }
+  ds = tf.data.Dataset.from_generator(batches, output_signature=signature)
+  per_example, per_batch = fns
+  if per_example is not None:
+    ds = ds.unbatch().map(per_example, num_parallel_calls=_AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True)
+  if per_batch is not None:
+    ds = ds.map(per_batch, num_parallel_calls=_AUTOTUNE)
+  return ds.prefetch(_AUTOTUNE)
+
+
+def _in_memory_train(spec, config, start_step, index, count, batch_size):
+  del count  # The order does not depend on it.
+  split = _load_split(spec, config, train=True)
+  n = len(split.labels)
+  slots = index * batch_size + np.arange(batch_size)
+
+  def host_batch(step):
+    indices = global_batch_indices(n, config.batch_size, config.seed, step)
+    indices = indices[slots]
+    return {
+      'data': split.data[indices],
+      'label': split.labels[indices],
+      'step': np.full(batch_size, step, np.int64),
+      'slot': slots,
+    }
+
+  batches = lambda: map(host_batch, itertools.count(start_step))
+  fns = _map_fns(spec, config, split, train=True)
+  ds = _from_host_batches(batches, host_batch(start_step), fns, batch_size)
+  return ds.as_numpy_iterator()
+
+
+def _epoch_seed(seed: int, epoch: int, index: int) -> int:
+  return int(np.random.SeedSequence([seed % 2**32, epoch, index]).entropy)
+
+
+def _imagenet_train(spec, config, start_step, index, count, batch_size):
+  builder = _tfds_builder(spec, config)
+  split = tfds.split_for_jax_process(
+    'train', process_index=index, process_count=count
+  )
+  steps_per_epoch = _split_size(builder, split) // batch_size
+  if steps_per_epoch == 0:
+    raise errors.UserError(
+      f'Per-process batch {batch_size} exceeds the examples per process.'
+    )
+  train_fn = functools.partial(
+    preprocessing.imagenet_train, size=spec.image_size
+  )
+
+  def epoch_batches(epoch: int, skip: int):
+    seed = _epoch_seed(config.seed, epoch, index) % 2**31
+    ds = builder.as_dataset(
+      split=split,
+      shuffle_files=True,
+      decoders={'image': tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False),
+    )
+    ds = ds.shuffle(config.shuffle_buffer_size, seed=seed)
+    ds = ds.take(steps_per_epoch * batch_size).skip(skip).enumerate(skip)
+
+    def fn(position, example):
+      step = epoch * steps_per_epoch + position // batch_size
+      slot = index * batch_size + position % batch_size
+      image = tf.io.decode_image(
+        example['image'], channels=3, expand_animations=False
+      )
+      rng = preprocessing.example_rng(config.seed, step, slot)
+      return {
+        'images': train_fn(image, rng),
+        'labels': tf.cast(example['label'], tf.int32),
+      }
+
+    ds = ds.map(fn, num_parallel_calls=_AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE)
+    return ds.as_numpy_iterator()
+
+  first_epoch, skip_steps = divmod(start_step, steps_per_epoch)
+  for epoch in itertools.count(first_epoch):
+    skip = skip_steps * batch_size if epoch == first_epoch else 0
+    yield from epoch_batches(epoch, skip)
+
+
+def create_train_iterator(
+  config, *, start_step: int = 0, process_index=None, process_count=None
+) -> Iterator[dict]:
+  """Infinite iterator of this process's training batches.
+
+  Args:
+    config: the experiment config.
+    start_step: global step of the first batch (resume point).
+    process_index: this process (default `jax.process_index()`).
+    process_count: number of processes (default `jax.process_count()`).
+
+  Returns:
+    Iterator of {'images': float32 [b, H, W, C], 'labels': int32 [b]} numpy
+    dicts, b = batch_size // process_count; the k-th is step start_step + k.
+
+  Raises:
+    errors.UserError: bad dataset, missing data or indivisible batch size.
+  """
+  index, count = _processes(process_index, process_count)
+  batch_size = _host_batch_size(config, 'batch_size', count)
+  spec = _resolve(config)
+  logging.info(
+    'Training input %s, process %d/%d, batch %d, from step %d.',
+    config.dataset,
+    index,
+    count,
+    batch_size,
+    start_step,
+  )
+  args = (spec, config, start_step, index, count, batch_size)
+  if spec.name == 'imagenet2012':
+    return _imagenet_train(*args)
+  return _in_memory_train(*args)
+
+
+class _EvalIterable:
+  """One full evaluation pass per `iter()`; `len()` is batches per process."""
+
+  def __init__(self, ds: tf.data.Dataset, num_batches: int):
+    self._ds = ds
+    self._num_batches = num_batches
+
+  def __iter__(self) -> Iterator[dict]:
+    return self._ds.as_numpy_iterator()
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+
+def _padding(spec: _Spec, config) -> dict:
+  shape = (spec.image_size, spec.image_size, 3)
+  if config.ten_crop:
+    shape = (10, *shape)
+  return {
+    'images': tf.zeros(shape, tf.float32),
+    'labels': tf.constant(0, tf.int32),
+    'mask': tf.constant(0.0, tf.float32),
+  }
+
+
+def _imagenet_eval(spec, config, info, index, count) -> tf.data.Dataset:
+  """This process's contiguous part of the ImageNet validation examples."""
+  split = _TFDS_SPLITS[spec.name][1]
+  if config.max_eval_examples > 0:
+    split = f'{split}[:{info.num_eval_examples}]'
+  split = tfds.split_for_jax_process(
+    split, process_index=index, process_count=count
+  )
+  ds = _tfds_builder(spec, config).as_dataset(
+    split=split, decoders={'image': tfds.decode.SkipDecoding()}
+  )
+  eval_fn = _imagenet_eval_fn(spec, config)
+
+  def fn(example):
+    image = tf.io.decode_image(
+      example['image'], channels=3, expand_animations=False
+    )
+    return {
+      'images': eval_fn(image),
+      'labels': tf.cast(example['label'], tf.int32),
+      'mask': tf.constant(1.0, tf.float32),
+    }
+
+  return ds.map(fn, num_parallel_calls=_AUTOTUNE)
+
+
+def create_eval_iterable(
+  config, *, process_index=None, process_count=None
+) -> Iterable[dict]:
+  """This process's evaluation batches; each `iter()` is one full pass.
+
+  Args:
+    config: the experiment config.
+    process_index: this process (default `jax.process_index()`).
+    process_count: number of processes (default `jax.process_count()`).
+
+  Returns:
+    Iterable of {'images': float32 [b, H, W, C] ([b, 10, H, W, C] with
+    ten_crop), 'labels': int32 [b], 'mask': float32 [b]} numpy dicts,
+    b = eval_batch_size // process_count. Every process yields `len()`
+    batches; over all processes each example appears once with mask 1.
+
+  Raises:
+    errors.UserError: bad dataset, missing data or indivisible batch size.
+  """
+  index, count = _processes(process_index, process_count)
+  batch_size = _host_batch_size(config, 'eval_batch_size', count)
+  spec = _resolve(config)
+  info = get_dataset_info(config)
+  num_batches = math.ceil(
+    math.ceil(info.num_eval_examples / count) / batch_size
+  )
+  total = num_batches * batch_size
+  if spec.name == 'imagenet2012':
+    ds = _imagenet_eval(spec, config, info, index, count)
+    ds = ds.concatenate(
+      tf.data.Dataset.from_tensors(_padding(spec, config)).repeat()
+    )
+    ds = ds.take(total).batch(batch_size).prefetch(_AUTOTUNE)
+    return _EvalIterable(ds, num_batches)
+  split = _load_split(spec, config, train=False)
+  host = np.array_split(np.arange(info.num_eval_examples), count)[index]
+  indices = np.concatenate([host, np.zeros(total - len(host), np.int64)])
+  mask = (np.arange(total) < len(host)).astype(np.float32)
+
+  def host_batch(i):
+    part = slice(i * batch_size, (i + 1) * batch_size)
+    return {
+      'data': split.data[indices[part]],
+      'label': split.labels[indices[part]],
+      'mask': mask[part],
+    }
+
+  batches = lambda: map(host_batch, range(num_batches))
+  fns = _map_fns(spec, config, split, train=False)
+  ds = _from_host_batches(batches, host_batch(0), fns, batch_size)
+  return _EvalIterable(ds, num_batches)
+
+
+def preprocess_for_eval(images: np.ndarray, config) -> np.ndarray:
+  """Evaluation preprocessing of uint8 [N, h, w, C] images of any size.
+
+  CIFAR-style datasets resize to image_size x image_size (as their loaders
+  do) and normalise; ImageNet-style ones resize the shorter side and crop.
+
+  Args:
+    images: uint8 [N, h, w, 1 or 3] images.
+    config: the experiment config.
+
+  Returns:
+    float32 [N, H, W, 3] model inputs ([N, 10, H, W, 3] with ten_crop).
+  """
+  spec = _resolve(config)
+  images = tf.convert_to_tensor(images, tf.uint8)
+  if spec.style == 'cifar':
+    if images.shape[1:] != (spec.image_size, spec.image_size, 3):
+      images = preprocessing.resize_square_uint8(images, spec.image_size)
+    return preprocessing.normalize(images, *_cifar_stats(spec)).numpy()
+  if images.shape[-1] == 1:
+    images = tf.repeat(images, 3, axis=-1)
+  eval_fn = _imagenet_eval_fn(spec, config)
+  return tf.map_fn(eval_fn, images, fn_output_signature=tf.float32).numpy()
