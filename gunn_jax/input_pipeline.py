@@ -449,7 +449,8 @@ def _in_memory_train(spec, config, start_step, index, count, batch_size):
 
 
 def _epoch_seed(seed: int, epoch: int, index: int) -> int:
-  return int(np.random.SeedSequence([seed % 2**32, epoch, index]).entropy)
+  state = np.random.SeedSequence([seed % 2**32, epoch, index]).generate_state(1)
+  return int(state[0]) % 2**31
 
 
 def _imagenet_train(spec, config, start_step, index, count, batch_size):
@@ -467,7 +468,7 @@ def _imagenet_train(spec, config, start_step, index, count, batch_size):
   )
 
   def epoch_batches(epoch: int, skip: int):
-    seed = _epoch_seed(config.seed, epoch, index) % 2**31
+    seed = _epoch_seed(config.seed, epoch, index)
     ds = builder.as_dataset(
       split=split,
       shuffle_files=True,
@@ -493,10 +494,13 @@ def _imagenet_train(spec, config, start_step, index, count, batch_size):
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE)
     return ds.as_numpy_iterator()
 
-  first_epoch, skip_steps = divmod(start_step, steps_per_epoch)
-  for epoch in itertools.count(first_epoch):
-    skip = skip_steps * batch_size if epoch == first_epoch else 0
-    yield from epoch_batches(epoch, skip)
+  def batches():
+    first_epoch, skip_steps = divmod(start_step, steps_per_epoch)
+    for epoch in itertools.count(first_epoch):
+      skip = skip_steps * batch_size if epoch == first_epoch else 0
+      yield from epoch_batches(epoch, skip)
+
+  return batches()
 
 
 def create_train_iterator(
