@@ -407,6 +407,13 @@ def global_batch_indices(
   )
 
 
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  # Parallelism across batches beats splitting each small op over threads.
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
 def _from_host_batches(batches, first: dict, fns, batch_size: int):
   """tf.data pipeline over a generator of host-batch dicts of numpy arrays."""
   signature = {
@@ -423,7 +430,7 @@ def _from_host_batches(batches, first: dict, fns, batch_size: int):
     ds = ds.batch(batch_size, drop_remainder=True)
   if per_batch is not None:
     ds = ds.map(per_batch, num_parallel_calls=_AUTOTUNE)
-  return ds.prefetch(_AUTOTUNE)
+  return ds.prefetch(_AUTOTUNE).with_options(_options())
 
 
 def _in_memory_train(spec, config, start_step, index, count, batch_size):

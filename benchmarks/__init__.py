@@ -1,0 +1,1 @@
+"""Throughput benchmarks of gunn_jax components."""
