@@ -330,8 +330,8 @@ def _load_split(spec: _Spec, config, train: bool) -> _Split:
   images = images.map(
     functools.partial(_decode, spec), num_parallel_calls=_AUTOTUNE
   )
-  images = np.stack(list(images.batch(1024).as_numpy_iterator()))
-  return _Split(images.reshape(-1, *images.shape[-3:]), labels)
+  images = np.concatenate(list(images.batch(1024).as_numpy_iterator()))
+  return _Split(images, labels)
 
 
 def get_dataset_info(config) -> DatasetInfo:
