@@ -11,7 +11,7 @@
   * `digits`: scikit-learn's 1,797 handwritten 8x8 digits (0..16 scaled to
     0..255), resized to `image_size` (default 16) RGB. Fixed split: in file
     order, the k-th image of each class (k = 0, 1, ...) is a test image iff
-    k % 5 == 4, giving 1,440 training and 357 test images. CIFAR-style
+    k % 5 == 4, giving 1,442 training and 355 test images. CIFAR-style
     preprocessing with the training split's mean/std and padding
     image_size // 8.
 
@@ -22,7 +22,7 @@ and process p takes the contiguous slice [p*b, (p+1)*b) of it. Augmentation is
 keyed by (seed, step, position in the global batch). Batches are therefore
 independent of the process count, and a resumed run needs no replay.
 CIFAR/digits (and CIFAR-style folders with `config.cache`) are decoded into
-host memory once.
+host memory once; other folders are decoded from their files at every use.
 
 ImageNet (TFDS) is streamed: each process reads
 `tfds.split_for_jax_process('train')`, shuffled per epoch with a seed from
