@@ -1,0 +1,52 @@
+"""Every configuration key of gunn_jax, with its default, meaning and unit.
+
+Experiment configs (`cifar10.py`, `imagenet.py`, ...) start from
+`get_config()` here and only override values; no other file creates keys.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default configuration (GUNN-15 on CIFAR-10, paper recipe)."""
+  config = ml_collections.ConfigDict()
+
+  # Model.
+  config.model = 'gunn15'  # Name in `gunn_jax.models.MODELS`.
+  config.memory_efficient = True  # Algorithm-1 backprop in GUNN layers.
+  config.half_precision = False  # bfloat16 activations; params stay float32.
+
+  # Data.
+  config.dataset = 'cifar10'  # cifar10|cifar100|imagenet2012|digits|folder:DIR
+  config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir.
+  config.image_size = 0  # Side in pixels; 0 = the dataset's default.
+  config.folder_preprocessing = 'imagenet'  # 'imagenet' or 'cifar' (folders).
+  config.roll_augmentation = True  # Authors' cyclic roll (CIFAR-style data).
+  config.ten_crop = False  # Ten-crop evaluation (ImageNet-style data).
+  config.cache = True  # Cache decoded data in memory (small datasets).
+  config.shuffle_buffer_size = 16_384  # Examples; streamed datasets only.
+  config.prefetch_batches = 2  # Batches prefetched to the devices.
+  config.max_eval_examples = 0  # Evaluate on a prefix; 0 = whole split.
+
+  # Optimisation (FACTS.md section 6).
+  config.batch_size = 64  # Global training batch over all devices.
+  config.eval_batch_size = 256  # Global evaluation batch.
+  config.num_epochs = 300.0  # Training length in epochs.
+  config.num_train_steps = -1  # Steps; overrides num_epochs when > 0.
+  config.learning_rate = 0.1  # Base learning rate.
+  config.momentum = 0.9  # SGD momentum (Nesterov).
+  config.nesterov = True  # Nesterov momentum, as in fb.resnet.torch.
+  config.weight_decay = 1e-4  # Coupled L2 on every parameter.
+  config.lr_schedule = 'step'  # 'step' or 'snapshot' (cyclic cosine).
+  config.lr_boundaries_epochs = (150.0, 225.0)  # Epochs where a scale starts.
+  config.lr_scales = (0.1, 0.01)  # LR multiplier (of the base) per boundary.
+  config.snapshot_cycles = 6  # Cycles of the 'snapshot' schedule.
+
+  # Loop, logging and checkpoints.
+  config.seed = 0  # Root seed for parameters, data order and augmentation.
+  config.log_every_steps = 100  # Steps between training metric writes.
+  config.eval_every_steps = -1  # Steps between evals; -1 = each epoch, 0 = end.
+  config.checkpoint_every_steps = 1000  # Steps between checkpoints (+ evals).
+  config.keep_checkpoints = 3  # Most recent checkpoints kept (+ the best).
+  config.profile_steps = 5  # Steps traced early on process 0; 0 = no profile.
+  return config

@@ -1,0 +1,538 @@
+"""Training and evaluation of GUNN classifiers, callable from a notebook.
+
+`train_and_evaluate(config, workdir)` trains `config.model` on
+`config.dataset` with the paper's recipe (FACTS.md section 6): SGD with
+Nesterov momentum, coupled weight decay on every parameter and a step or
+snapshot (cyclic cosine) learning-rate schedule. It runs data-parallel over
+all devices (see `sharding.py`), evaluates the whole evaluation split, writes
+metrics (see `metric_io.py`) and checkpoints (see `checkpointing.py`), and
+resumes from the latest checkpoint in `workdir`.
+
+Determinism: parameters come from `config.seed`; batch k of a run is a pure
+function of (seed, k) (see `input_pipeline.py`), and the model uses no random
+numbers when training, so on CPU a resumed run ends bit-identical to an
+uninterrupted one. Not deterministic: GPU convolution algorithms, and
+ImageNet's data order when the process count changes.
+"""
+
+import functools
+import math
+import signal
+import threading
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metrics, parameter_overview, periodic_actions
+from etils import epath
+from flax.training import train_state
+
+from gunn_jax import checkpointing, input_pipeline, metric_io, models, sharding
+from gunn_jax.errors import UserError
+
+
+class TrainState(train_state.TrainState):
+  """Parameters, optimiser state and BatchNorm running statistics."""
+
+  batch_stats: Any
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')
+  accuracy: metrics.Average.from_output('accuracy')
+  grad_norm: metrics.Average.from_output('grad_norm')
+  param_norm: metrics.Average.from_output('param_norm')  # After the update.
+
+
+def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
+  """Converts a duration in epochs to whole steps (rounded up).
+
+  Every duration of the configs in epochs goes through this function.
+  """
+  # round() first so that e.g. 150 epochs of 50,000 at batch 64 (117,187.5
+  # steps) is not pushed one step further by float error.
+  return math.ceil(round(epochs * num_examples / batch_size, 6))
+
+
+def total_train_steps(
+  config: ml_collections.ConfigDict, num_train_examples: int
+) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return steps_for_epochs(
+    config.num_epochs, num_train_examples, config.batch_size
+  )
+
+
+def create_learning_rate_fn(
+  config: ml_collections.ConfigDict,
+  num_train_examples: int,
+  num_train_steps: int,
+) -> optax.Schedule:
+  """Returns the learning rate as a function of the step (0-based).
+
+  'step': `learning_rate * lr_scales[i]` from `lr_boundaries_epochs[i]` on.
+  'snapshot' (Huang et al. 2017, FACTS.md section 7): with T steps and M
+  cycles of C = ceil(T / M) steps,
+  lr(s) = learning_rate / 2 * (cos(pi * (s mod C) / C) + 1).
+  """
+  base = config.learning_rate
+  if config.lr_schedule == 'snapshot':
+    cycle = math.ceil(num_train_steps / config.snapshot_cycles)
+    return lambda step: (
+      base / 2 * (jnp.cos(jnp.pi * (step % cycle) / cycle) + 1)
+    )
+  boundaries = [
+    steps_for_epochs(e, num_train_examples, config.batch_size)
+    for e in config.lr_boundaries_epochs
+  ]
+
+  def schedule(step):
+    scale = jnp.ones([], jnp.float32)
+    for boundary, value in zip(boundaries, config.lr_scales, strict=True):
+      scale = jnp.where(step >= boundary, value, scale)
+    return base * scale
+
+  return schedule
+
+
+def create_optimizer(
+  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+):
+  # Torch's coupled L2: the decay joins the gradient before the momentum.
+  return optax.chain(
+    optax.add_decayed_weights(config.weight_decay),
+    optax.sgd(
+      learning_rate_fn,
+      momentum=config.momentum or None,
+      nesterov=config.nesterov,
+    ),
+  )
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+  """Builds `config.model`; raises UserError for an unknown name."""
+  try:
+    return models.create_model(
+      config.model,
+      num_classes,
+      dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+      memory_efficient=config.memory_efficient,
+    )
+  except ValueError as e:
+    raise UserError(str(e)) from e
+
+
+def create_train_state(model, tx, image_shape, rng) -> TrainState:
+  """Initialises parameters and optimiser state (call under jit)."""
+  variables = model.init(rng, jnp.zeros((1, *image_shape)), train=False)
+  return TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    tx=tx,
+  )
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  """One SGD step on a (global) batch; returns the state and TrainMetrics."""
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['images'],
+      train=True,
+      mutable=['batch_stats'],
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+      logits, batch['labels']
+    ).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+    loss_fn, has_aux=True
+  )(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  step_metrics = TrainMetrics.single_from_model_output(
+    loss=loss,
+    accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['labels']),
+    grad_norm=optax.global_norm(grads),
+    param_norm=optax.global_norm(state.params),
+  )
+  return state, step_metrics
+
+
+def eval_step(
+  state: TrainState, batch: dict[str, jax.Array]
+) -> dict[str, jax.Array]:
+  """Sums of loss and correct top-1/top-5 over the unmasked examples.
+
+  Images [B, H, W, C], or [B, crops, H, W, C] for multi-crop evaluation,
+  where the softmax outputs are averaged over the crops.
+  """
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  images = batch['images']
+  if images.ndim == 5:
+    logits = state.apply_fn(
+      variables, images.reshape(-1, *images.shape[2:]), train=False
+    )
+    probs = jax.nn.softmax(logits).reshape(*images.shape[:2], -1).mean(1)
+    log_probs = jnp.log(probs)
+  else:
+    log_probs = jax.nn.log_softmax(
+      state.apply_fn(variables, images, train=False)
+    )
+  labels = batch['labels']
+  mask = batch['mask'].astype(bool)
+  loss = -jnp.take_along_axis(log_probs, labels[:, None], -1)[:, 0]
+  _, top5 = jax.lax.top_k(log_probs, min(5, log_probs.shape[-1]))
+  return {
+    'loss': jnp.sum(jnp.where(mask, loss, 0.0)),
+    'top1': jnp.sum(mask & (top5[:, 0] == labels)),
+    'top5': jnp.sum(mask & jnp.any(top5 == labels[:, None], -1)),
+    'count': jnp.sum(mask),
+  }
+
+
+def evaluate(step_fn: Callable, state: TrainState, eval_batches) -> dict:
+  """Runs `step_fn` over an iterable of global batches.
+
+  Returns:
+    `loss` (mean), `top1_error` and `top5_error` (%) and `num_examples`.
+  """
+  sums = {'loss': 0.0, 'top1': 0, 'top5': 0, 'count': 0}
+  for batch in eval_batches:
+    for key, value in jax.device_get(step_fn(state, batch)).items():
+      sums[key] += value.item()
+  count = sums['count']
+  if not count:
+    raise UserError('The evaluation split is empty.')
+  return {
+    'loss': sums['loss'] / count,
+    'top1_error': 100.0 * (1 - sums['top1'] / count),
+    'top5_error': 100.0 * (1 - sums['top5'] / count),
+    'num_examples': count,
+  }
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks what can be checked without data or devices; raises UserError."""
+  if len(config.lr_scales) != len(config.lr_boundaries_epochs):
+    raise UserError(
+      f'config.lr_scales has {len(config.lr_scales)} values but '
+      f'config.lr_boundaries_epochs has {len(config.lr_boundaries_epochs)}; '
+      'give one scale per boundary.'
+    )
+  if list(config.lr_boundaries_epochs) != sorted(
+    set(config.lr_boundaries_epochs)
+  ):
+    raise UserError(
+      'config.lr_boundaries_epochs must increase strictly, got '
+      f'{tuple(config.lr_boundaries_epochs)}.'
+    )
+  if config.lr_schedule not in ('step', 'snapshot'):
+    raise UserError(
+      f'config.lr_schedule {config.lr_schedule!r}: expected '
+      "'step' or 'snapshot'."
+    )
+  if config.snapshot_cycles < 1:
+    raise UserError('config.snapshot_cycles must be at least 1.')
+  for key in (
+    'batch_size',
+    'eval_batch_size',
+    'log_every_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+  ):
+    if config[key] < 1:
+      raise UserError(f'config.{key} must be positive, got {config[key]}.')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise UserError('Set config.num_epochs or config.num_train_steps > 0.')
+  if config.eval_every_steps < -1:
+    raise UserError(
+      'config.eval_every_steps must be > 0, -1 (each epoch) or '
+      '0 (only at the end).'
+    )
+  num_devices = jax.device_count()
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] % num_devices:
+      raise UserError(
+        f'config.{key}={config[key]} is not divisible by the '
+        f'{num_devices} devices; use a multiple of '
+        f'{num_devices}.'
+      )
+
+
+def _setup(config: ml_collections.ConfigDict):
+  """Validates the config; returns dataset info, model, mesh and the state's
+  abstract value (ShapeDtypeStructs carrying the replicated sharding)."""
+  validate_config(config)
+  info = input_pipeline.get_dataset_info(config)
+  model = create_model(config, info.num_classes)
+  num_steps = total_train_steps(config, info.num_train_examples)
+  if config.lr_schedule == 'snapshot' and config.snapshot_cycles > num_steps:
+    raise UserError(
+      f'config.snapshot_cycles={config.snapshot_cycles} exceeds '
+      f'the {num_steps} training steps.'
+    )
+  lr_fn = create_learning_rate_fn(config, info.num_train_examples, num_steps)
+  tx = create_optimizer(config, lr_fn)
+  mesh = sharding.create_mesh()
+  init = functools.partial(create_train_state, model, tx, info.image_shape)
+  abstract_state = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=sharding.replicated(mesh)
+    ),
+    jax.eval_shape(init, jax.random.key(0)),
+  )
+  return info, init, mesh, abstract_state, num_steps, lr_fn
+
+
+def restore_train_state(
+  config: ml_collections.ConfigDict, workdir: str, which: str | int = 'latest'
+) -> TrainState:
+  """Restores the 'latest' or 'best' (or a given step's) checkpoint.
+
+  Args:
+    config: the configuration the run in `workdir` was trained with (saved
+      as `workdir/config.json`).
+    workdir: the run's directory.
+    which: 'latest', 'best' (lowest evaluation top-1 error) or a step.
+
+  Returns:
+    The state, replicated over all devices.
+
+  Raises:
+    UserError: for a bad config, a missing checkpoint or one that does not
+      fit the configured model.
+  """
+  _, _, _, abstract_state, _, _ = _setup(config)
+  manager = checkpointing.create_manager(workdir, read_only=True)
+  try:
+    step = checkpointing.select_step(manager, which)
+    return checkpointing.restore(manager, step, abstract_state)
+  finally:
+    manager.close()
+
+
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict, workdir: str, which: str | int = 'latest'
+) -> dict:
+  """Evaluates a checkpoint of `workdir` on the whole evaluation split.
+
+  Returns:
+    `step` and the metrics of `evaluate`.
+  """
+  state = restore_train_state(config, workdir, which)
+  mesh = sharding.create_mesh()
+  p_eval_step = jax.jit(eval_step, out_shardings=sharding.replicated(mesh))
+  eval_iterable = input_pipeline.create_eval_iterable(config)
+  results = evaluate(
+    p_eval_step,
+    state,
+    sharding.global_batches(eval_iterable, mesh, config.prefetch_batches),
+  )
+  return {'step': int(state.step), **results}
+
+
+class _TermSignal:
+  """Turns SIGTERM into a flag polled at step boundaries (one process).
+
+  With several processes, JAX's preemption service receives the signal and
+  `CheckpointManager.reached_preemption` makes all hosts stop at one step.
+  """
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    # Signal handlers can only be set from the main thread (not in e.g. a
+    # notebook's worker thread, where preemption is not handled).
+    if (
+      jax.process_count() == 1
+      and threading.current_thread() is threading.main_thread()
+    ):
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint at the next step.')
+    self.received = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(
+  summary: dict, first_step: int, last_step: int, last_checkpoint: int | None
+) -> None:
+  bad = [
+    k
+    for k in ('loss', 'grad_norm', 'param_norm')
+    if not np.isfinite(summary[k])
+  ]
+  if bad:
+    kept = (
+      f'the last good checkpoint is step {last_checkpoint}'
+      if last_checkpoint is not None
+      else 'no checkpoint was written'
+    )
+    raise UserError(
+      f'Training diverged: {", ".join(bad)} became NaN/Inf between '
+      f'steps {first_step} and {last_step}; {kept}. Lower '
+      'config.learning_rate or check the data.'
+    )
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> TrainState:
+  """Trains and evaluates, resuming from the latest checkpoint in `workdir`.
+
+  Args:
+    config: see `configs/base.py`.
+    workdir: directory for checkpoints, metrics and TensorBoard events.
+
+  Returns:
+    The final training state (replicated), also after a preemption.
+
+  Raises:
+    UserError: for a bad config, dataset or workdir (before any checkpoint
+      is touched) and when the loss becomes NaN/Inf.
+  """
+  info, init, mesh, abstract_state, num_steps, lr_fn = _setup(config)
+  checkpointing.ensure_writable(workdir)
+  steps_per_epoch = steps_for_epochs(
+    1, info.num_train_examples, config.batch_size
+  )
+  eval_every = (
+    steps_per_epoch
+    if config.eval_every_steps == -1
+    else config.eval_every_steps
+  )
+  logging.info(
+    '%s on %s: %d steps (%d per epoch), global batch %d on %d '
+    'devices, %d per process.',
+    config.model,
+    config.dataset,
+    num_steps,
+    steps_per_epoch,
+    config.batch_size,
+    jax.device_count(),
+    config.batch_size // jax.process_count(),
+  )
+
+  writer = metric_io.create_writer(workdir)
+  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+  term_signal = _TermSignal()
+  try:
+    last_checkpoint = manager.latest_step()
+    if last_checkpoint is None:
+      state = jax.jit(init, out_shardings=sharding.replicated(mesh))(
+        jax.random.key(config.seed)
+      )
+    else:
+      logging.info('Resuming from checkpoint %d.', last_checkpoint)
+      state = checkpointing.restore(manager, last_checkpoint, abstract_state)
+    initial_step = int(state.step)
+    if jax.process_index() == 0:
+      (epath.Path(workdir) / 'config.json').write_text(
+        config.to_json_best_effort(indent=2)
+      )
+      metric_io.truncate_after(workdir, initial_step)
+      if initial_step == 0:
+        parameter_overview.log_parameter_overview(state.params)
+
+    p_train_step = jax.jit(
+      train_step,
+      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+      donate_argnums=0,
+    )
+    p_eval_step = jax.jit(eval_step, out_shardings=sharding.replicated(mesh))
+    train_batches = sharding.global_batches(
+      input_pipeline.create_train_iterator(config, start_step=initial_step),
+      mesh,
+      config.prefetch_batches,
+    )
+    eval_iterable = input_pipeline.create_eval_iterable(config)
+
+    hooks = [
+      periodic_actions.ReportProgress(
+        num_train_steps=num_steps,
+        writer=writer,
+        every_steps=config.log_every_steps,
+        every_secs=None,
+      )
+    ]
+    if jax.process_index() == 0 and config.profile_steps:
+      hooks.append(
+        periodic_actions.Profile(
+          logdir=workdir, num_profile_steps=config.profile_steps
+        )
+      )
+
+    train_metrics, interval_start = None, initial_step + 1
+    for step in range(initial_step + 1, num_steps + 1):
+      # `step` counts the steps done once this iteration ends.
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, step_metrics = p_train_step(state, next(train_batches))
+      train_metrics = (
+        step_metrics
+        if train_metrics is None
+        else train_metrics.merge(step_metrics)
+      )
+      for hook in hooks:
+        hook(step)
+
+      last = step == num_steps
+      do_eval = last or (eval_every > 0 and step % eval_every == 0)
+      preempted = term_signal.received or manager.reached_preemption(step)
+      do_save = (
+        do_eval or preempted or step % config.checkpoint_every_steps == 0
+      )
+      do_log = last or step % config.log_every_steps == 0
+      if do_log or do_save:
+        # Never log or save past a non-finite loss or gradient.
+        summary = train_metrics.compute()
+        _check_finite(summary, interval_start, step, last_checkpoint)
+      if do_log:
+        writer.write_scalars(
+          step,
+          {
+            **{f'train_{k}': v for k, v in summary.items()},
+            'train_learning_rate': lr_fn(step - 1),
+          },
+        )
+        train_metrics, interval_start = None, step + 1
+      eval_results = None
+      if do_eval:
+        eval_results = evaluate(
+          p_eval_step,
+          state,
+          sharding.global_batches(eval_iterable, mesh, config.prefetch_batches),
+        )
+        writer.write_scalars(
+          step, {f'eval_{k}': v for k, v in eval_results.items()}
+        )
+      if do_save:
+        checkpointing.save(manager, step, state, eval_results)
+        last_checkpoint = step
+      if preempted:
+        logging.warning(
+          'Preempted: saved step %d; run the same command to resume.', step
+        )
+        break
+    return state
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    writer.close()
+    term_signal.restore()

@@ -1,0 +1,93 @@
+r"""Trains or evaluates a GUNN classifier: the command-line entry point.
+
+    python main.py --config=configs/quickstart.py --workdir=runs/quickstart
+    python main.py --config=configs/cifar10.py:gunn15 --workdir=runs/c10 \
+        --config.batch_size=128
+    python main.py --config=configs/quickstart.py --workdir=runs/quickstart \
+        --mode=eval --checkpoint=best
+
+Running the same training command again resumes from the latest checkpoint.
+A `UserError` (bad config, data or workdir) prints one `error:` line and
+exits with status 2.
+"""
+
+import json
+import logging as std_logging
+import sys
+
+import jax
+import tensorflow as tf
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gunn_jax import train
+from gunn_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Training configuration file.', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Directory for checkpoints, metrics and TensorBoard.'
+)
+_MODE = flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'eval'],
+  'train (resuming from the latest checkpoint) or eval of a checkpoint.',
+)
+_CHECKPOINT = flags.DEFINE_enum(
+  'checkpoint',
+  'latest',
+  ['latest', 'best'],
+  '--mode=eval: the latest checkpoint or the best by evaluation error.',
+)
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'Multi-process runs: HOST:PORT of process 0 (jax.distributed).',
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  'num_processes', None, 'Multi-process runs: number of processes.'
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  'process_id', None, 'Multi-process runs: index of this process.'
+)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  # Orbax logs every save step by step at INFO; keep its warnings only.
+  logging.get_absl_logger().addFilter(
+    lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname
+  )
+  if _COORDINATOR.value:
+    # CPU collectives across processes; GPU and TPU backends ignore this.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
+  # TensorFlow only feeds the input pipeline; JAX owns the accelerators.
+  tf.config.set_visible_devices([], 'GPU')
+  logging.info(
+    'JAX process %d of %d; devices: %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.devices(),
+  )
+  try:
+    if _MODE.value == 'train':
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    else:
+      results = train.evaluate_checkpoint(
+        _CONFIG.value, _WORKDIR.value, _CHECKPOINT.value
+      )
+      print(json.dumps({'checkpoint': _CHECKPOINT.value, **results}))
+  except UserError as e:
+    print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,423 @@
+"""Tests of the training library: schedules, steps, loop, checkpoints."""
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import base, cifar10, imagenet, tiny
+from gunn_jax import checkpointing, input_pipeline, metric_io, models, train
+from gunn_jax.errors import UserError
+
+pytestmark = pytest.mark.usefixtures('fast_compile')
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  config = tiny.get_config()
+  config.update(overrides)
+  return config
+
+
+def lr_values(config, num_examples, num_steps, steps):
+  fn = train.create_learning_rate_fn(config, num_examples, num_steps)
+  return [float(fn(s)) for s in steps]
+
+
+def test_steps_for_epochs():
+  assert train.steps_for_epochs(300, 50_000, 64) == 234_375
+  assert train.steps_for_epochs(150, 50_000, 64) == 117_188
+  assert train.steps_for_epochs(1, 1_440, 16) == 90
+  assert train.steps_for_epochs(0.1, 1_000, 10) == 10
+
+
+def test_cifar_schedule_decays_at_half_and_three_quarters():
+  config = cifar10.get_config('gunn15')
+  # 6,400 examples at batch 64: 100 steps per epoch, 30,000 steps.
+  values = lr_values(
+    config, 6_400, 30_000, [0, 14_999, 15_000, 22_499, 22_500, 29_999]
+  )
+  np.testing.assert_allclose(
+    values, [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-3], rtol=1e-6
+  )
+
+
+@pytest.mark.parametrize(
+  'arg, boundaries, lrs',
+  [
+    ('gunn18', (30, 60, 90), (0.1, 0.01, 1e-3, 1e-5)),
+    ('gunn18,densenet90', (30, 60), (0.1, 0.01, 1e-3)),
+  ],
+)
+def test_imagenet_schedules(arg, boundaries, lrs):
+  config = imagenet.get_config(arg)
+  # 1,280 examples at batch 256: 5 steps per epoch.
+  num_steps = train.total_train_steps(config, 1_280)
+  assert num_steps == 5 * config.num_epochs
+  steps, expected = [0], [lrs[0]]
+  for epoch, before, after in zip(boundaries, lrs, lrs[1:], strict=False):
+    steps += [5 * epoch - 1, 5 * epoch]
+    expected += [before, after]
+  np.testing.assert_allclose(
+    lr_values(config, 1_280, num_steps, steps), expected, rtol=1e-6
+  )
+
+
+@pytest.mark.parametrize('num_steps, cycle', [(60, 10), (61, 11)])
+def test_snapshot_schedule(num_steps, cycle):
+  config = cifar10.get_config('gunn24,snapshot')
+  assert config.snapshot_cycles == 6
+  steps = [0, 1, cycle - 1, cycle, 2 * cycle, num_steps - 1]
+  expected = [
+    0.05 * (math.cos(math.pi * (s % cycle) / cycle) + 1) for s in steps
+  ]
+  values = lr_values(config, 6_400, num_steps, steps)
+  np.testing.assert_allclose(values, expected, rtol=1e-5)
+  assert values[0] == values[3] == pytest.approx(0.1)  # Restarts.
+
+
+def test_optimizer_is_torch_sgd_nesterov_with_coupled_decay():
+  config = base.get_config()
+  tx = train.create_optimizer(config, lambda step: 0.1)
+  params = {'w': jnp.array([1.0, -2.0])}
+  grads = {'w': jnp.array([0.5, 0.25])}
+  state = tx.init(params)
+  buf = np.zeros(2)
+  p = np.array([1.0, -2.0])
+  for _ in range(3):  # torch.optim.SGD(nesterov=True, weight_decay=1e-4).
+    d = np.array([0.5, 0.25]) + 1e-4 * p
+    buf = 0.9 * buf + d
+    p = p - 0.1 * (d + 0.9 * buf)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(params['w'], p, rtol=1e-6)
+
+
+def _fake_state(apply_fn):
+  return train.TrainState.create(
+    apply_fn=apply_fn, params={}, batch_stats={}, tx=optax.sgd(0.1)
+  )
+
+
+def _logits_from_images(variables, images, train):
+  del variables, train
+  return images.reshape(images.shape[0], -1)  # [B, 1, 1, C] -> logits.
+
+
+def test_eval_step_sums_over_unmasked_examples():
+  logits = np.array(
+    [
+      [5, 4, 3, 2, 1, 0],
+      [0, 1, 2, 3, 4, 5],
+      [0, 0, 9, 0, 0, 0],
+      [9, 0, 0, 0, 0, 0],
+    ],
+    np.float32,
+  )
+  labels = np.array([0, 3, 5, 1], np.int32)  # top1, top5, neither, masked.
+  mask = np.array([1, 1, 1, 0], np.float32)
+  batch = {'images': logits[:, None, None, :], 'labels': labels, 'mask': mask}
+  sums = train.eval_step(_fake_state(_logits_from_images), batch)
+  log_probs = jax.nn.log_softmax(logits)
+  expected_loss = -(log_probs[0, 0] + log_probs[1, 3] + log_probs[2, 5])
+  assert float(sums['loss']) == pytest.approx(float(expected_loss), rel=1e-6)
+  assert (int(sums['top1']), int(sums['top5']), int(sums['count'])) == (1, 2, 3)
+
+
+def test_eval_step_averages_softmax_over_crops():
+  crop_logits = np.array([[[4, 0, 0], [0, 0, 0]]], np.float32)  # [1, 2, 3]
+  batch = {
+    'images': crop_logits[:, :, None, None, :],
+    'labels': np.array([1], np.int32),
+    'mask': np.ones(1),
+  }
+  sums = train.eval_step(_fake_state(_logits_from_images), batch)
+  probs = jax.nn.softmax(crop_logits[0]).mean(0)
+  assert float(sums['loss']) == pytest.approx(-math.log(probs[1]), rel=1e-6)
+  assert int(sums['top1']) == 0 and int(sums['top5']) == 1
+
+
+def test_evaluate_reports_errors_in_percent():
+  batches = [
+    {'loss': 2.0, 'top1': 3, 'top5': 4, 'count': 4},
+    {'loss': 1.0, 'top1': 0, 'top5': 1, 'count': 1},
+  ]
+  batches = [{k: np.asarray(v) for k, v in b.items()} for b in batches]
+  results = train.evaluate(lambda state, batch: batch, None, batches)
+  assert results == {
+    'loss': pytest.approx(0.6),
+    'top1_error': 40.0,
+    'top5_error': 0.0,
+    'num_examples': 5,
+  }
+
+
+def test_loss_falls_when_overfitting_one_batch():
+  config = tiny_config(learning_rate=0.1, weight_decay=0.0)
+  model = models.create_model('gunn_tiny', 10)
+  tx = train.create_optimizer(config, lambda step: config.learning_rate)
+  state = jax.jit(train.create_train_state, static_argnums=(0, 1, 2))(
+    model, tx, (8, 8, 3), jax.random.key(0)
+  )
+  rng = np.random.default_rng(0)
+  batch = {
+    'images': rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+    'labels': rng.integers(0, 10, 16).astype(np.int32),
+  }
+  step = jax.jit(train.train_step)
+  losses = []
+  for _ in range(30):
+    state, step_metrics = step(state, batch)
+    losses.append(float(step_metrics.compute()['loss']))
+  assert all(np.isfinite(losses))
+  assert losses[-1] < 0.3 * losses[0]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A tiny run of 4 steps, then resumed to 6 past a half-written save.
+
+  Saves: 2, 3 (eval), 4 (eval, end), then 6 (eval, end); evaluations at 3,
+  4 and 6 (every 3 steps and at the end of each run).
+  """
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  state = train.train_and_evaluate(tiny_config(num_train_steps=4), workdir)
+  first_records = metric_io.read_metrics(workdir)
+  # What a save killed midway leaves behind.
+  half_written = os.path.join(
+    workdir, 'checkpoints', '6.orbax-checkpoint-tmp-1795750000'
+  )
+  os.makedirs(os.path.join(half_written, 'default'))
+  with open(os.path.join(half_written, 'default', 'manifest.ocdbt'), 'w') as f:
+    f.write('torn')
+  final = train.train_and_evaluate(tiny_config(), workdir)
+  return {
+    'workdir': workdir,
+    'step4_params': jax.device_get(state.params),
+    'first_records': first_records,
+    'state': final,
+    'records': metric_io.read_metrics(workdir),
+  }
+
+
+def test_training_writes_metrics_and_checkpoints(trained):
+  assert int(trained['state'].step) == 6
+  records = trained['records']
+  train_records = [r for r in records if 'loss' in r and r['split'] == 'train']
+  assert [r['step'] for r in train_records] == [2, 4, 6]
+  for r in train_records:
+    assert set(r) >= {'loss', 'accuracy', 'grad_norm', 'learning_rate'}
+    assert np.isfinite(r['loss']) and 0 <= r['accuracy'] <= 1
+    assert r['learning_rate'] == pytest.approx(0.05)
+  evals = [r for r in records if r['split'] == 'eval']
+  assert [r['step'] for r in evals] == [3, 4, 6]
+  num_eval = input_pipeline.get_dataset_info(tiny_config()).num_eval_examples
+  for r in evals:
+    assert set(r) == {
+      'step',
+      'split',
+      'loss',
+      'top1_error',
+      'top5_error',
+      'num_examples',
+    }
+    assert r['num_examples'] == num_eval
+    assert 0 <= r['top5_error'] <= r['top1_error'] <= 100
+  assert any('steps_per_sec' in r for r in records)
+  assert any(
+    name.startswith('events.out.tfevents')
+    for name in os.listdir(trained['workdir'])
+  )
+
+
+def test_resume_continues_from_the_latest_checkpoint(trained):
+  # The records of steps 1-4 were not written again (uptimes would differ),
+  # and the half-written save was ignored and removed.
+  first = trained['first_records']
+  assert [r for r in trained['records'] if r['step'] <= 4] == first
+  assert sorted(
+    os.listdir(os.path.join(trained['workdir'], 'checkpoints'))
+  ) == [str(s) for s in sorted(_steps(trained['workdir'])[0])]
+
+
+def _steps(workdir):
+  manager = checkpointing.create_manager(workdir, read_only=True)
+  try:
+    return set(manager.all_steps()), manager.best_step()
+  finally:
+    manager.close()
+
+
+def test_keeps_the_latest_checkpoints_and_the_best(trained):
+  steps, best = _steps(trained['workdir'])
+  evals = {
+    r['step']: r['top1_error']
+    for r in trained['records']
+    if r['split'] == 'eval'
+  }
+  assert evals[best] == min(evals.values())
+  assert steps == {4, 6, best}  # keep_checkpoints=2; step 2 was deleted.
+
+
+def test_eval_only_reproduces_the_last_evaluation(trained):
+  last = [r for r in trained['records'] if r['split'] == 'eval'][-1]
+  results = train.evaluate_checkpoint(tiny_config(), trained['workdir'])
+  assert results['step'] == last['step'] == 6
+  for key in ('top1_error', 'top5_error', 'num_examples'):
+    assert results[key] == last[key]
+  assert results['loss'] == pytest.approx(last['loss'], rel=1e-12)
+  best = train.evaluate_checkpoint(tiny_config(), trained['workdir'], 'best')
+  assert best['top1_error'] == min(
+    r['top1_error'] for r in trained['records'] if r['split'] == 'eval'
+  )
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = tiny_config(
+    learning_rate=1e10,
+    checkpoint_every_steps=1,
+    log_every_steps=1,
+    eval_every_steps=0,
+  )
+  with pytest.raises(UserError, match='diverged') as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  first, last = map(
+    int, re.search(r'between steps (\d+) and (\d+)', message).groups()
+  )
+  kept = int(re.search(r'last good checkpoint is step (\d+)', message)[1])
+  assert first == last == kept + 1 and kept >= 1
+  steps, _ = _steps(str(tmp_path))
+  assert max(steps) == kept
+  state = train.restore_train_state(config, str(tmp_path), kept)
+  assert np.isfinite(float(optax.global_norm(state.params)))
+
+
+def _main_command(workdir, *flags):
+  return [
+    sys.executable,
+    os.path.join(REPO_ROOT, 'main.py'),
+    '--config=' + os.path.join(REPO_ROOT, 'configs', 'tiny.py'),
+    f'--workdir={workdir}',
+    *flags,
+  ]
+
+
+def _subprocess_env(num_devices=1):
+  env = dict(
+    os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1', JAX_PLATFORMS='cpu'
+  )
+  env['XLA_FLAGS'] = (
+    env.get('XLA_FLAGS', '')
+    + f' --xla_force_host_platform_device_count={num_devices}'
+  )
+  return env
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one_device(trained, tmp_path):
+  """Data parallel over 8 CPU devices: same losses and parameters."""
+  workdir = str(tmp_path)
+  subprocess.run(
+    _main_command(workdir, '--config.num_train_steps=4'),
+    env=_subprocess_env(8),
+    check=True,
+    capture_output=True,
+    cwd=REPO_ROOT,
+  )
+  records = metric_io.read_metrics(workdir)
+  expected = trained['first_records']
+  for split in ('train', 'eval'):
+    ours = [r for r in records if r['split'] == split and 'loss' in r]
+    theirs = [r for r in expected if r['split'] == split and 'loss' in r]
+    assert [r['step'] for r in ours] == [r['step'] for r in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+      assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
+  params = train.restore_train_state(tiny_config(), workdir, 4).params
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    jax.device_get(params),
+    trained['step4_params'],
+  )
+
+
+def _wait_for_checkpoint(workdir, process, min_step, timeout=240):
+  deadline = time.monotonic() + timeout
+  path = os.path.join(workdir, 'checkpoints')
+  while time.monotonic() < deadline:
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    if os.path.isdir(path) and any(
+      name.isdigit() and int(name) >= min_step for name in os.listdir(path)
+    ):
+      return
+    time.sleep(0.02)
+  raise TimeoutError(f'no checkpoint >= {min_step} in {timeout} s')
+
+
+@pytest.mark.slow
+def test_preempted_and_killed_run_ends_bit_identical(tmp_path):
+  """SIGTERM (saves, exits 0), then SIGKILL, then a resume to the end."""
+  config = tiny_config(
+    num_train_steps=300,
+    checkpoint_every_steps=10,
+    eval_every_steps=100,
+    log_every_steps=10,
+  )
+  flags = [
+    '--config.num_train_steps=300',
+    '--config.checkpoint_every_steps=10',
+    '--config.eval_every_steps=100',
+    '--config.log_every_steps=10',
+  ]
+  interrupted = str(tmp_path / 'interrupted')
+  command = _main_command(interrupted, *flags)
+
+  process = subprocess.Popen(
+    command,
+    env=_subprocess_env(),
+    cwd=REPO_ROOT,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  _wait_for_checkpoint(interrupted, process, 10)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-3000:]
+  assert 'Preempted: saved step' in stderr
+  preempted_at, _ = _steps(interrupted)
+  assert 10 <= max(preempted_at) < 300
+
+  process = subprocess.Popen(
+    command,
+    env=_subprocess_env(),
+    cwd=REPO_ROOT,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  _wait_for_checkpoint(interrupted, process, max(preempted_at) + 20)
+  process.kill()
+  process.communicate()
+  killed_at, _ = _steps(interrupted)
+  assert max(killed_at) < 300
+
+  resumed = train.train_and_evaluate(config, interrupted)
+  uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'whole'))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get((resumed.params, resumed.batch_stats, resumed.opt_state)),
+    jax.device_get(
+      (uninterrupted.params, uninterrupted.batch_stats, uninterrupted.opt_state)
+    ),
+  )
+  records = metric_io.read_metrics(interrupted)
+  keys = [(r['step'], r['split'], tuple(sorted(r))) for r in records]
+  assert len(keys) == len(set(keys))  # No step logged twice.
