@@ -182,6 +182,21 @@ def test_loss_falls_when_overfitting_one_batch():
   assert losses[-1] < 0.3 * losses[0]
 
 
+def test_a_few_steps_on_mock_cifar(tmp_path, mock_tfds):
+  config = tiny_config(
+    dataset='cifar10',
+    data_dir=str(tmp_path),
+    num_train_steps=2,
+  )
+  with mock_tfds('cifar10', {'train': 40, 'test': 20}):
+    state = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert int(state.step) == 2
+  (last_eval,) = metric_io.read_metrics(str(tmp_path / 'run'), 'eval')
+  assert last_eval['step'] == 2 and last_eval['num_examples'] == 20
+  assert np.isfinite(last_eval['loss'])
+  assert _steps(str(tmp_path / 'run'))[0] == {2}
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """A tiny run of 4 steps, then resumed to 6 past a half-written save.
