@@ -222,11 +222,14 @@ def _make_update_fn(
   residual: bool,
   train: bool,
   memory_efficient: bool,
+  batched: bool,
 ):
   """Returns `update(params, stats, x) -> (y, new_stats)` for one layer.
 
   `params` and `stats` are the units' variables stacked on a leading axis of
   size P; `stats` is `{}` for units without BatchNorm; `size` is o = N / P.
+  `batched` (SUNN only) runs the units as one vmapped computation instead of
+  a scan.
   """
 
   def apply_unit(params, stats, state):
@@ -288,10 +291,22 @@ def _make_update_fn(
     )
     return grad_params, jax.tree.map(jnp.zeros_like, stats), grad_x
 
+  def forward_batched(params, stats, x):
+    """SUNN as one vmapped computation over the units (accelerators)."""
+    outs, new_stats = jax.vmap(apply_unit, in_axes=(0, 0, None))(
+      params, stats, x
+    )
+    y = jnp.moveaxis(outs, 0, -2).reshape(x.shape).astype(x.dtype)
+    return (x + y if residual else y), new_stats
+
   def forward_keeping_io(params, stats, x):
     out = forward(params, stats, x)
     return out, (params, stats, x, out[0])
 
+  if batched:  # All units at once: recomputation can only be per layer.
+    return (
+      jax.checkpoint(forward_batched) if memory_efficient else forward_batched
+    )
   if not memory_efficient:
     return forward
   update = jax.custom_vjp(forward)
@@ -320,6 +335,10 @@ class GUNNLayer(nn.Module):
     residual: add each segment's input to its update (eq. 5); False gives
       GUNN-NoRes (Table 5).
     memory_efficient: backpropagate with Algorithm 1 (keeps only x and y).
+    batch_units: SUNN only: run the P units as one vmapped computation (one
+      wide 1x1 matmul, grouped 3x3 convolutions) instead of a scan over them.
+      None chooses by backend: batched on GPU/TPU, a scan on CPU, where
+      XLA's grouped convolutions are 10-20x slower (XLA_CPU_NOTES).
   """
 
   unit_cls: ModuleDef
@@ -327,6 +346,7 @@ class GUNNLayer(nn.Module):
   mode: str = 'gradual'
   residual: bool = True
   memory_efficient: bool = True
+  batch_units: bool | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -372,8 +392,18 @@ class GUNNLayer(nn.Module):
       self.residual,
       train,
       self.memory_efficient,
+      self._batches_units(),
     )
     y, new_stats = update(params, stats, x)
     if stats and train and not self.is_initializing():
       stats_var.value = new_stats
     return y
+
+  def _batches_units(self) -> bool:
+    if self.mode == 'gradual':
+      if self.batch_units:
+        raise ValueError('Only simultaneous (SUNN) layers can batch units.')
+      return False
+    if self.batch_units is None:
+      return jax.default_backend() != 'cpu'
+    return self.batch_units

@@ -21,6 +21,7 @@ def make_layer(
   channels=CHANNELS,
   stacking=2,
   dtype=jnp.float64,
+  batch_units=None,
 ):
   unit_cls = functools.partial(
     layers.BottleneckUnit,
@@ -30,7 +31,9 @@ def make_layer(
     shortcut=True,
     dtype=dtype,
   )
-  return layers.GUNNLayer(unit_cls, segments, mode, residual, memory_efficient)
+  return layers.GUNNLayer(
+    unit_cls, segments, mode, residual, memory_efficient, batch_units
+  )
 
 
 def init(layer, x):
@@ -153,6 +156,42 @@ def test_algorithm1_gradients_equal_autodiff(mode, residual):
     for grad, grad_ad in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ad)):
       assert float(jnp.max(jnp.abs(grad_ad))) > 0
       np.testing.assert_allclose(grad, grad_ad, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize('residual', [True, False])
+def test_batched_sunn_equals_scanned_sunn(residual):
+  """The GPU/TPU form of SUNN (vmapped units) has the scan's values."""
+  with jax.enable_x64(True):
+    x = normal((4, 5, 5, CHANNELS))
+    results = []
+    for batch_units in (True, False):
+      layer = make_layer('simultaneous', residual, batch_units=batch_units)
+      variables = init_float64(layer, x)
+
+      def loss(params, images, layer=layer, variables=variables):
+        y, updated = layer.apply(
+          {**variables, 'params': params},
+          images,
+          train=True,
+          mutable=['batch_stats'],
+        )
+        return jnp.sum(jnp.sin(y)), (y, updated)
+
+      results.append(
+        jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(
+          variables['params'], x
+        )
+      )
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-9, atol=1e-12),
+      *results,
+    )
+
+
+def test_gradual_layers_cannot_batch_units():
+  layer = make_layer(batch_units=True, dtype=jnp.float32)
+  with pytest.raises(ValueError, match='Only simultaneous'):
+    layer.init(jax.random.key(0), jnp.zeros((1, 4, 4, CHANNELS)), train=False)
 
 
 def test_running_statistics_follow_torch_momentum():
