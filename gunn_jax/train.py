@@ -19,7 +19,7 @@ import functools
 import math
 import signal
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -269,9 +269,45 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       )
 
 
-def _setup(config: ml_collections.ConfigDict):
-  """Validates the config; returns dataset info, model, mesh and the state's
-  abstract value (ShapeDtypeStructs carrying the replicated sharding)."""
+class Experiment(NamedTuple):
+  """What a config determines before any data is read or state is made.
+
+  Attributes:
+    info: the dataset's `DatasetInfo`.
+    mesh: the data-parallel mesh over all devices.
+    num_train_steps: the run's length in steps.
+    learning_rate_fn: the schedule (step -> learning rate).
+    init: rng -> a fresh `TrainState` (jit it, see `create_state`).
+    abstract_state: the state's `jax.ShapeDtypeStruct`s, replicated on
+      `mesh`: the target for restoring checkpoints.
+    train_step: `train_step` jitted on `mesh` (batch sharded, state
+      replicated and donated).
+    eval_step: `eval_step` jitted on `mesh`.
+  """
+
+  info: input_pipeline.DatasetInfo
+  mesh: jax.sharding.Mesh
+  num_train_steps: int
+  learning_rate_fn: optax.Schedule
+  init: Callable[[jax.Array], TrainState]
+  abstract_state: TrainState
+  train_step: Callable
+  eval_step: Callable
+
+  def create_state(self, seed: int) -> TrainState:
+    """Initialises a state from `seed`, replicated on the mesh."""
+    return jax.jit(self.init, out_shardings=sharding.replicated(self.mesh))(
+      jax.random.key(seed)
+    )
+
+
+def create_experiment(config: ml_collections.ConfigDict) -> Experiment:
+  """Validates `config` and builds model, schedule, mesh and jitted steps.
+
+  Raises:
+    UserError: for a bad config, an unknown model or dataset, or a batch
+      size that the devices do not divide.
+  """
   validate_config(config)
   info = input_pipeline.get_dataset_info(config)
   model = create_model(config, info.num_classes)
@@ -284,14 +320,27 @@ def _setup(config: ml_collections.ConfigDict):
   lr_fn = create_learning_rate_fn(config, info.num_train_examples, num_steps)
   tx = create_optimizer(config, lr_fn)
   mesh = sharding.create_mesh()
+  replicated = sharding.replicated(mesh)
   init = functools.partial(create_train_state, model, tx, info.image_shape)
   abstract_state = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=sharding.replicated(mesh)
-    ),
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
     jax.eval_shape(init, jax.random.key(0)),
   )
-  return info, init, mesh, abstract_state, num_steps, lr_fn
+  return Experiment(
+    info=info,
+    mesh=mesh,
+    num_train_steps=num_steps,
+    learning_rate_fn=lr_fn,
+    init=init,
+    abstract_state=abstract_state,
+    train_step=jax.jit(
+      train_step,
+      in_shardings=(replicated, sharding.batch_sharded(mesh)),
+      out_shardings=(replicated, replicated),
+      donate_argnums=0,
+    ),
+    eval_step=jax.jit(eval_step, out_shardings=replicated),
+  )
 
 
 def restore_train_state(
@@ -312,11 +361,14 @@ def restore_train_state(
     UserError: for a bad config, a missing checkpoint or one that does not
       fit the configured model.
   """
-  _, _, _, abstract_state, _, _ = _setup(config)
+  return _restore(create_experiment(config), workdir, which)
+
+
+def _restore(experiment: Experiment, workdir: str, which: str | int):
   manager = checkpointing.create_manager(workdir, read_only=True)
   try:
     step = checkpointing.select_step(manager, which)
-    return checkpointing.restore(manager, step, abstract_state)
+    return checkpointing.restore(manager, step, experiment.abstract_state)
   finally:
     manager.close()
 
@@ -329,14 +381,15 @@ def evaluate_checkpoint(
   Returns:
     `step` and the metrics of `evaluate`.
   """
-  state = restore_train_state(config, workdir, which)
-  mesh = sharding.create_mesh()
-  p_eval_step = jax.jit(eval_step, out_shardings=sharding.replicated(mesh))
+  experiment = create_experiment(config)
+  state = _restore(experiment, workdir, which)
   eval_iterable = input_pipeline.create_eval_iterable(config)
   results = evaluate(
-    p_eval_step,
+    experiment.eval_step,
     state,
-    sharding.global_batches(eval_iterable, mesh, config.prefetch_batches),
+    sharding.global_batches(
+      eval_iterable, experiment.mesh, config.prefetch_batches
+    ),
   )
   return {'step': int(state.step), **results}
 
@@ -406,7 +459,9 @@ def train_and_evaluate(
     UserError: for a bad config, dataset or workdir (before any checkpoint
       is touched) and when the loss becomes NaN/Inf.
   """
-  info, init, mesh, abstract_state, num_steps, lr_fn = _setup(config)
+  experiment = create_experiment(config)
+  info, mesh = experiment.info, experiment.mesh
+  num_steps = experiment.num_train_steps
   checkpointing.ensure_writable(workdir)
   steps_per_epoch = steps_for_epochs(
     1, info.num_train_examples, config.batch_size
@@ -434,12 +489,12 @@ def train_and_evaluate(
   try:
     last_checkpoint = manager.latest_step()
     if last_checkpoint is None:
-      state = jax.jit(init, out_shardings=sharding.replicated(mesh))(
-        jax.random.key(config.seed)
-      )
+      state = experiment.create_state(config.seed)
     else:
       logging.info('Resuming from checkpoint %d.', last_checkpoint)
-      state = checkpointing.restore(manager, last_checkpoint, abstract_state)
+      state = checkpointing.restore(
+        manager, last_checkpoint, experiment.abstract_state
+      )
     initial_step = int(state.step)
     if jax.process_index() == 0:
       (epath.Path(workdir) / 'config.json').write_text(
@@ -449,13 +504,6 @@ def train_and_evaluate(
       if initial_step == 0:
         parameter_overview.log_parameter_overview(state.params)
 
-    p_train_step = jax.jit(
-      train_step,
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-      donate_argnums=0,
-    )
-    p_eval_step = jax.jit(eval_step, out_shardings=sharding.replicated(mesh))
     train_batches = sharding.global_batches(
       input_pipeline.create_train_iterator(config, start_step=initial_step),
       mesh,
@@ -482,7 +530,7 @@ def train_and_evaluate(
     for step in range(initial_step + 1, num_steps + 1):
       # `step` counts the steps done once this iteration ends.
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, step_metrics = p_train_step(state, next(train_batches))
+        state, step_metrics = experiment.train_step(state, next(train_batches))
       train_metrics = (
         step_metrics
         if train_metrics is None
@@ -507,14 +555,14 @@ def train_and_evaluate(
           step,
           {
             **{f'train_{k}': v for k, v in summary.items()},
-            'train_learning_rate': lr_fn(step - 1),
+            'train_learning_rate': experiment.learning_rate_fn(step - 1),
           },
         )
         train_metrics, interval_start = None, step + 1
       eval_results = None
       if do_eval:
         eval_results = evaluate(
-          p_eval_step,
+          experiment.eval_step,
           state,
           sharding.global_batches(eval_iterable, mesh, config.prefetch_batches),
         )

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -15,7 +16,7 @@ import optax
 import pytest
 
 from configs import base, cifar10, imagenet, tiny
-from gunn_jax import checkpointing, input_pipeline, metric_io, models, train
+from gunn_jax import checkpointing, input_pipeline, metric_io, sharding, train
 from gunn_jax.errors import UserError
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
@@ -162,24 +163,22 @@ def test_evaluate_reports_errors_in_percent():
 
 
 def test_loss_falls_when_overfitting_one_batch():
-  config = tiny_config(learning_rate=0.1, weight_decay=0.0)
-  model = models.create_model('gunn_tiny', 10)
-  tx = train.create_optimizer(config, lambda step: config.learning_rate)
-  state = jax.jit(train.create_train_state, static_argnums=(0, 1, 2))(
-    model, tx, (8, 8, 3), jax.random.key(0)
-  )
+  experiment = train.create_experiment(tiny_config())
+  state = experiment.create_state(seed=0)
   rng = np.random.default_rng(0)
-  batch = {
-    'images': rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
-    'labels': rng.integers(0, 10, 16).astype(np.int32),
-  }
-  step = jax.jit(train.train_step)
+  batch = sharding.make_global_batch(
+    {
+      'images': rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+      'labels': rng.integers(0, 10, 16).astype(np.int32),
+    },
+    experiment.mesh,
+  )
   losses = []
-  for _ in range(30):
-    state, step_metrics = step(state, batch)
+  for _ in range(60):
+    state, step_metrics = experiment.train_step(state, batch)
     losses.append(float(step_metrics.compute()['loss']))
   assert all(np.isfinite(losses))
-  assert losses[-1] < 0.3 * losses[0]
+  assert losses[-1] < 0.25 * losses[0], losses
 
 
 def test_a_few_steps_on_mock_cifar(tmp_path, mock_tfds):
@@ -365,64 +364,68 @@ def test_eight_devices_equal_one_device(trained, tmp_path):
   )
 
 
+def _has_checkpoint(workdir, min_step):
+  path = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(path) and any(
+    name.isdigit() and int(name) >= min_step for name in os.listdir(path)
+  )
+
+
 def _wait_for_checkpoint(workdir, process, min_step, timeout=240):
   deadline = time.monotonic() + timeout
-  path = os.path.join(workdir, 'checkpoints')
-  while time.monotonic() < deadline:
+  while not _has_checkpoint(workdir, min_step):
     assert process.poll() is None, process.communicate()[1][-3000:]
-    if os.path.isdir(path) and any(
-      name.isdigit() and int(name) >= min_step for name in os.listdir(path)
-    ):
-      return
+    assert time.monotonic() < deadline, f'no checkpoint {min_step}'
     time.sleep(0.02)
-  raise TimeoutError(f'no checkpoint >= {min_step} in {timeout} s')
 
 
 @pytest.mark.slow
 def test_preempted_and_killed_run_ends_bit_identical(tmp_path):
-  """SIGTERM (saves, exits 0), then SIGKILL, then a resume to the end."""
+  """SIGTERM (saves and returns), then SIGKILL, then a resume to the end."""
   config = tiny_config(
-    num_train_steps=300,
+    num_train_steps=120,
     checkpoint_every_steps=10,
     eval_every_steps=100,
     log_every_steps=10,
   )
-  flags = [
-    '--config.num_train_steps=300',
-    '--config.checkpoint_every_steps=10',
-    '--config.eval_every_steps=100',
-    '--config.log_every_steps=10',
-  ]
   interrupted = str(tmp_path / 'interrupted')
-  command = _main_command(interrupted, *flags)
 
+  # Preemption, in this process: SIGTERM once checkpoint 10 exists. The
+  # no-op handler absorbs a signal that would come after the run.
+  def preempt():
+    while not _has_checkpoint(interrupted, 10):
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = signal.signal(signal.SIGTERM, lambda *_: None)
+  try:
+    threading.Thread(target=preempt, daemon=True).start()
+    preempted = train.train_and_evaluate(config, interrupted)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  preempted_at = int(preempted.step)
+  assert 10 < preempted_at < 120
+  assert max(_steps(interrupted)[0]) == preempted_at
+
+  # A crash at any moment: SIGKILL to `main.py` once it saved 20 steps more.
   process = subprocess.Popen(
-    command,
+    _main_command(
+      interrupted,
+      '--config.num_train_steps=120',
+      '--config.checkpoint_every_steps=10',
+      '--config.eval_every_steps=100',
+      '--config.log_every_steps=10',
+    ),
     env=_subprocess_env(),
     cwd=REPO_ROOT,
     stderr=subprocess.PIPE,
     text=True,
   )
-  _wait_for_checkpoint(interrupted, process, 10)
-  process.send_signal(signal.SIGTERM)
-  _, stderr = process.communicate(timeout=120)
-  assert process.returncode == 0, stderr[-3000:]
-  assert 'Preempted: saved step' in stderr
-  preempted_at, _ = _steps(interrupted)
-  assert 10 <= max(preempted_at) < 300
-
-  process = subprocess.Popen(
-    command,
-    env=_subprocess_env(),
-    cwd=REPO_ROOT,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  _wait_for_checkpoint(interrupted, process, max(preempted_at) + 20)
+  _wait_for_checkpoint(interrupted, process, preempted_at + 20)
   process.kill()
   process.communicate()
   killed_at, _ = _steps(interrupted)
-  assert max(killed_at) < 300
+  assert max(killed_at) < 120
 
   resumed = train.train_and_evaluate(config, interrupted)
   uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'whole'))
