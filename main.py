@@ -1,14 +1,7 @@
-r"""Trains or evaluates a GUNN classifier: the command-line entry point.
+"""Trains or evaluates a GUNN classifier (see README.md for examples).
 
-    python main.py --config=configs/quickstart.py --workdir=runs/quickstart
-    python main.py --config=configs/cifar10.py:gunn15 --workdir=runs/c10 \
-        --config.batch_size=128
-    python main.py --config=configs/quickstart.py --workdir=runs/quickstart \
-        --mode=eval --checkpoint=best
-
-Running the same training command again resumes from the latest checkpoint.
-A `UserError` (bad config, data or workdir) prints one `error:` line and
-exits with status 2.
+Rerunning a training command resumes from the latest checkpoint in workdir.
+A `UserError` prints one `error:` line and exits with status 2.
 """
 
 import json
@@ -29,22 +22,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
   'workdir', None, 'Directory for checkpoints, metrics and TensorBoard.'
 )
-_MODE = flags.DEFINE_enum(
-  'mode',
-  'train',
-  ['train', 'eval'],
-  'train (resuming from the latest checkpoint) or eval of a checkpoint.',
-)
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to do.')
 _CHECKPOINT = flags.DEFINE_enum(
-  'checkpoint',
-  'latest',
-  ['latest', 'best'],
-  '--mode=eval: the latest checkpoint or the best by evaluation error.',
+  'checkpoint', 'latest', ['latest', 'best'], 'Checkpoint that eval uses.'
 )
 _COORDINATOR = flags.DEFINE_string(
-  'coordinator_address',
-  None,
-  'Multi-process runs: HOST:PORT of process 0 (jax.distributed).',
+  'coordinator_address', None, 'Multi-process: HOST:PORT of process 0.'
 )
 _NUM_PROCESSES = flags.DEFINE_integer(
   'num_processes', None, 'Multi-process runs: number of processes.'
@@ -72,9 +55,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   logging.info(
     'JAX process %d of %d; devices: %s',
-    jax.process_index(),
-    jax.process_count(),
-    jax.devices(),
+    *(jax.process_index(), jax.process_count(), jax.devices()),
   )
   try:
     if _MODE.value == 'train':

@@ -8,11 +8,14 @@ next manager deletes. On pods, `workdir` must be storage every host can see
 (e.g. `gs://...`); orbax coordinates the hosts' writes.
 """
 
+import signal
+import threading
 import uuid
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from gunn_jax.errors import UserError
@@ -141,3 +144,35 @@ def restore(
       f'Checkpoint {step} in {manager.directory} does not fit '
       f'the configured model: {e}'.splitlines()[0]
     ) from e
+
+
+class PreemptionNotice:
+  """Whether to save and stop now because the job is being preempted.
+
+  One process: SIGTERM sets a flag that `reached` returns at the next step.
+  Several processes: JAX's preemption service receives the signal and
+  `CheckpointManager.reached_preemption` makes all of them stop at one step.
+  """
+
+  def __init__(self):
+    self._received = False
+    self._previous = None
+    # Only the main thread may set handlers (not e.g. a notebook's worker).
+    if (
+      jax.process_count() == 1
+      and threading.current_thread() is threading.main_thread()
+    ):
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint after this step.')
+    self._received = True
+
+  def reached(self, manager: ocp.CheckpointManager, step: int) -> bool:
+    return self._received or manager.reached_preemption(step)
+
+  def close(self) -> None:
+    """Restores the previous SIGTERM handler."""
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

@@ -16,9 +16,6 @@ ImageNet's data order when the process count changes.
 """
 
 import functools
-import math
-import signal
-import threading
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -32,7 +29,14 @@ from clu import metrics, parameter_overview, periodic_actions
 from etils import epath
 from flax.training import train_state
 
-from gunn_jax import checkpointing, input_pipeline, metric_io, models, sharding
+from gunn_jax import (
+  checkpointing,
+  input_pipeline,
+  metric_io,
+  models,
+  optimization,
+  sharding,
+)
 from gunn_jax.errors import UserError
 
 
@@ -48,72 +52,6 @@ class TrainMetrics(metrics.Collection):
   accuracy: metrics.Average.from_output('accuracy')
   grad_norm: metrics.Average.from_output('grad_norm')
   param_norm: metrics.Average.from_output('param_norm')  # After the update.
-
-
-def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
-  """Converts a duration in epochs to whole steps (rounded up).
-
-  Every duration of the configs in epochs goes through this function.
-  """
-  # round() first so that e.g. 150 epochs of 50,000 at batch 64 (117,187.5
-  # steps) is not pushed one step further by float error.
-  return math.ceil(round(epochs * num_examples / batch_size, 6))
-
-
-def total_train_steps(
-  config: ml_collections.ConfigDict, num_train_examples: int
-) -> int:
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  return steps_for_epochs(
-    config.num_epochs, num_train_examples, config.batch_size
-  )
-
-
-def create_learning_rate_fn(
-  config: ml_collections.ConfigDict,
-  num_train_examples: int,
-  num_train_steps: int,
-) -> optax.Schedule:
-  """Returns the learning rate as a function of the step (0-based).
-
-  'step': `learning_rate * lr_scales[i]` from `lr_boundaries_epochs[i]` on.
-  'snapshot' (Huang et al. 2017, FACTS.md section 7): with T steps and M
-  cycles of C = ceil(T / M) steps,
-  lr(s) = learning_rate / 2 * (cos(pi * (s mod C) / C) + 1).
-  """
-  base = config.learning_rate
-  if config.lr_schedule == 'snapshot':
-    cycle = math.ceil(num_train_steps / config.snapshot_cycles)
-    return lambda step: (
-      base / 2 * (jnp.cos(jnp.pi * (step % cycle) / cycle) + 1)
-    )
-  boundaries = [
-    steps_for_epochs(e, num_train_examples, config.batch_size)
-    for e in config.lr_boundaries_epochs
-  ]
-
-  def schedule(step):
-    scale = jnp.ones([], jnp.float32)
-    for boundary, value in zip(boundaries, config.lr_scales, strict=True):
-      scale = jnp.where(step >= boundary, value, scale)
-    return base * scale
-
-  return schedule
-
-
-def create_optimizer(
-  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
-):
-  # Torch's coupled L2: the decay joins the gradient before the momentum.
-  return optax.chain(
-    optax.add_decayed_weights(config.weight_decay),
-    optax.sgd(
-      learning_rate_fn,
-      momentum=config.momentum or None,
-      nesterov=config.nesterov,
-    ),
-  )
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -222,51 +160,53 @@ def evaluate(step_fn: Callable, state: TrainState, eval_batches) -> dict:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks what can be checked without data or devices; raises UserError."""
-  if len(config.lr_scales) != len(config.lr_boundaries_epochs):
-    raise UserError(
-      f'config.lr_scales has {len(config.lr_scales)} values but '
-      f'config.lr_boundaries_epochs has {len(config.lr_boundaries_epochs)}; '
-      'give one scale per boundary.'
-    )
-  if list(config.lr_boundaries_epochs) != sorted(
-    set(config.lr_boundaries_epochs)
-  ):
-    raise UserError(
-      'config.lr_boundaries_epochs must increase strictly, got '
-      f'{tuple(config.lr_boundaries_epochs)}.'
-    )
-  if config.lr_schedule not in ('step', 'snapshot'):
-    raise UserError(
-      f'config.lr_schedule {config.lr_schedule!r}: expected '
-      "'step' or 'snapshot'."
-    )
-  if config.snapshot_cycles < 1:
-    raise UserError('config.snapshot_cycles must be at least 1.')
-  for key in (
+  """Checks what can be checked before reading data; raises UserError."""
+  boundaries, scales = config.lr_boundaries_epochs, config.lr_scales
+  positive = (
     'batch_size',
     'eval_batch_size',
     'log_every_steps',
     'checkpoint_every_steps',
     'keep_checkpoints',
-  ):
-    if config[key] < 1:
-      raise UserError(f'config.{key} must be positive, got {config[key]}.')
+    'snapshot_cycles',
+  )
+  problems = [
+    f'config.{key} must be positive, got {config[key]}'
+    for key in positive
+    if config[key] < 1
+  ]
+  if len(scales) != len(boundaries):
+    problems.append(
+      f'config.lr_scales has {len(scales)} values but '
+      f'config.lr_boundaries_epochs has {len(boundaries)}; '
+      'give one scale per boundary'
+    )
+  if list(boundaries) != sorted(set(boundaries)):
+    problems.append(
+      'config.lr_boundaries_epochs must increase strictly, '
+      f'got {tuple(boundaries)}'
+    )
+  if config.lr_schedule not in ('step', 'snapshot'):
+    problems.append(
+      f'config.lr_schedule {config.lr_schedule!r}: expected '
+      "'step' or 'snapshot'"
+    )
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise UserError('Set config.num_epochs or config.num_train_steps > 0.')
+    problems.append('set config.num_epochs or config.num_train_steps > 0')
   if config.eval_every_steps < -1:
-    raise UserError(
-      'config.eval_every_steps must be > 0, -1 (each epoch) or '
-      '0 (only at the end).'
+    problems.append(
+      'config.eval_every_steps must be > 0, -1 (each epoch) '
+      'or 0 (only at the end)'
     )
   num_devices = jax.device_count()
-  for key in ('batch_size', 'eval_batch_size'):
-    if config[key] % num_devices:
-      raise UserError(
-        f'config.{key}={config[key]} is not divisible by the '
-        f'{num_devices} devices; use a multiple of '
-        f'{num_devices}.'
-      )
+  problems += [
+    f'config.{key}={config[key]} is not divisible by the '
+    f'{num_devices} devices; use a multiple of {num_devices}'
+    for key in ('batch_size', 'eval_batch_size')
+    if config[key] % num_devices
+  ]
+  if problems:
+    raise UserError(problems[0] + '.')
 
 
 class Experiment(NamedTuple):
@@ -311,14 +251,16 @@ def create_experiment(config: ml_collections.ConfigDict) -> Experiment:
   validate_config(config)
   info = input_pipeline.get_dataset_info(config)
   model = create_model(config, info.num_classes)
-  num_steps = total_train_steps(config, info.num_train_examples)
+  num_steps = optimization.total_train_steps(config, info.num_train_examples)
   if config.lr_schedule == 'snapshot' and config.snapshot_cycles > num_steps:
     raise UserError(
       f'config.snapshot_cycles={config.snapshot_cycles} exceeds '
       f'the {num_steps} training steps.'
     )
-  lr_fn = create_learning_rate_fn(config, info.num_train_examples, num_steps)
-  tx = create_optimizer(config, lr_fn)
+  lr_fn = optimization.create_learning_rate_fn(
+    config, info.num_train_examples, num_steps
+  )
+  tx = optimization.create_optimizer(config, lr_fn)
   mesh = sharding.create_mesh()
   replicated = sharding.replicated(mesh)
   init = functools.partial(create_train_state, model, tx, info.image_shape)
@@ -394,48 +336,16 @@ def evaluate_checkpoint(
   return {'step': int(state.step), **results}
 
 
-class _TermSignal:
-  """Turns SIGTERM into a flag polled at step boundaries (one process).
-
-  With several processes, JAX's preemption service receives the signal and
-  `CheckpointManager.reached_preemption` makes all hosts stop at one step.
-  """
-
-  def __init__(self):
-    self.received = False
-    self._previous = None
-    # Signal handlers can only be set from the main thread (not in e.g. a
-    # notebook's worker thread, where preemption is not handled).
-    if (
-      jax.process_count() == 1
-      and threading.current_thread() is threading.main_thread()
-    ):
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM: saving a checkpoint at the next step.')
-    self.received = True
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _check_finite(
   summary: dict, first_step: int, last_step: int, last_checkpoint: int | None
 ) -> None:
   bad = [
-    k
-    for k in ('loss', 'grad_norm', 'param_norm')
-    if not np.isfinite(summary[k])
+    k for k, v in summary.items() if k != 'accuracy' and not np.isfinite(v)
   ]
   if bad:
-    kept = (
-      f'the last good checkpoint is step {last_checkpoint}'
-      if last_checkpoint is not None
-      else 'no checkpoint was written'
-    )
+    kept = 'no checkpoint was written'
+    if last_checkpoint is not None:
+      kept = f'the last good checkpoint is step {last_checkpoint}'
     raise UserError(
       f'Training diverged: {", ".join(bad)} became NaN/Inf between '
       f'steps {first_step} and {last_step}; {kept}. Lower '
@@ -463,29 +373,20 @@ def train_and_evaluate(
   info, mesh = experiment.info, experiment.mesh
   num_steps = experiment.num_train_steps
   checkpointing.ensure_writable(workdir)
-  steps_per_epoch = steps_for_epochs(
+  steps_per_epoch = optimization.steps_for_epochs(
     1, info.num_train_examples, config.batch_size
   )
-  eval_every = (
-    steps_per_epoch
-    if config.eval_every_steps == -1
-    else config.eval_every_steps
-  )
+  eval_every = config.eval_every_steps
+  if eval_every == -1:
+    eval_every = steps_per_epoch
   logging.info(
-    '%s on %s: %d steps (%d per epoch), global batch %d on %d '
-    'devices, %d per process.',
-    config.model,
-    config.dataset,
-    num_steps,
-    steps_per_epoch,
-    config.batch_size,
-    jax.device_count(),
-    config.batch_size // jax.process_count(),
+    '%d steps (%d per epoch), global batch %d on %d devices.',
+    *(num_steps, steps_per_epoch, config.batch_size, jax.device_count()),
   )
 
   writer = metric_io.create_writer(workdir)
   manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
-  term_signal = _TermSignal()
+  preemption = checkpointing.PreemptionNotice()
   try:
     last_checkpoint = manager.latest_step()
     if last_checkpoint is None:
@@ -531,17 +432,15 @@ def train_and_evaluate(
       # `step` counts the steps done once this iteration ends.
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         state, step_metrics = experiment.train_step(state, next(train_batches))
-      train_metrics = (
-        step_metrics
-        if train_metrics is None
-        else train_metrics.merge(step_metrics)
-      )
+      if train_metrics is not None:
+        step_metrics = train_metrics.merge(step_metrics)
+      train_metrics = step_metrics
       for hook in hooks:
         hook(step)
 
       last = step == num_steps
       do_eval = last or (eval_every > 0 and step % eval_every == 0)
-      preempted = term_signal.received or manager.reached_preemption(step)
+      preempted = preemption.reached(manager, step)
       do_save = (
         do_eval or preempted or step % config.checkpoint_every_steps == 0
       )
@@ -583,4 +482,4 @@ def train_and_evaluate(
     manager.close()
     writer.flush()
     writer.close()
-    term_signal.restore()
+    preemption.close()

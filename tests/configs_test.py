@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from gunn_jax import input_pipeline, train
+from gunn_jax import input_pipeline, optimization, train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,10 +65,12 @@ def test_paper_config_builds_its_model(spec, num_params):
     config.nesterov,
     config.weight_decay,
   ) == (0.1, 0.9, True, 1e-4)
-  steps = train.total_train_steps(config, NUM_TRAIN[config.dataset])
+  steps = optimization.total_train_steps(config, NUM_TRAIN[config.dataset])
   epochs = steps * config.batch_size / NUM_TRAIN[config.dataset]
   assert epochs == pytest.approx(config.num_epochs, abs=1e-3)
-  lr = train.create_learning_rate_fn(config, NUM_TRAIN[config.dataset], steps)
+  lr = optimization.create_learning_rate_fn(
+    config, NUM_TRAIN[config.dataset], steps
+  )
   assert float(lr(0)) == pytest.approx(0.1)
   assert float(lr(steps - 1)) < 1e-3 * 1.01
 

@@ -16,7 +16,14 @@ import optax
 import pytest
 
 from configs import base, cifar10, imagenet, tiny
-from gunn_jax import checkpointing, input_pipeline, metric_io, sharding, train
+from gunn_jax import (
+  checkpointing,
+  input_pipeline,
+  metric_io,
+  optimization,
+  sharding,
+  train,
+)
 from gunn_jax.errors import UserError
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
@@ -30,15 +37,15 @@ def tiny_config(**overrides):
 
 
 def lr_values(config, num_examples, num_steps, steps):
-  fn = train.create_learning_rate_fn(config, num_examples, num_steps)
+  fn = optimization.create_learning_rate_fn(config, num_examples, num_steps)
   return [float(fn(s)) for s in steps]
 
 
 def test_steps_for_epochs():
-  assert train.steps_for_epochs(300, 50_000, 64) == 234_375
-  assert train.steps_for_epochs(150, 50_000, 64) == 117_188
-  assert train.steps_for_epochs(1, 1_440, 16) == 90
-  assert train.steps_for_epochs(0.1, 1_000, 10) == 10
+  assert optimization.steps_for_epochs(300, 50_000, 64) == 234_375
+  assert optimization.steps_for_epochs(150, 50_000, 64) == 117_188
+  assert optimization.steps_for_epochs(1, 1_440, 16) == 90
+  assert optimization.steps_for_epochs(0.1, 1_000, 10) == 10
 
 
 def test_cifar_schedule_decays_at_half_and_three_quarters():
@@ -62,7 +69,7 @@ def test_cifar_schedule_decays_at_half_and_three_quarters():
 def test_imagenet_schedules(arg, boundaries, lrs):
   config = imagenet.get_config(arg)
   # 1,280 examples at batch 256: 5 steps per epoch.
-  num_steps = train.total_train_steps(config, 1_280)
+  num_steps = optimization.total_train_steps(config, 1_280)
   assert num_steps == 5 * config.num_epochs
   steps, expected = [0], [lrs[0]]
   for epoch, before, after in zip(boundaries, lrs, lrs[1:], strict=False):
@@ -88,7 +95,7 @@ def test_snapshot_schedule(num_steps, cycle):
 
 def test_optimizer_is_torch_sgd_nesterov_with_coupled_decay():
   config = base.get_config()
-  tx = train.create_optimizer(config, lambda step: 0.1)
+  tx = optimization.create_optimizer(config, lambda step: 0.1)
   params = {'w': jnp.array([1.0, -2.0])}
   grads = {'w': jnp.array([0.5, 0.25])}
   state = tx.init(params)
