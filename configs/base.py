@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_scales = (0.1, 0.01)  # LR multiplier (of the base) per boundary.
   config.snapshot_cycles = 6  # Cycles of the 'snapshot' schedule.
 
+  # Fine-tuning.
+  config.init_from = ''  # Workdir whose latest weights start a fresh run.
+  config.init_reset_classifier = True  # New classifier (any num_classes).
+
   # Loop, logging and checkpoints.
   config.seed = 0  # Root seed for parameters, data order and augmentation.
   config.log_every_steps = 100  # Steps between training metric writes.

@@ -1,19 +1,24 @@
 """Orbax checkpoints of the training state under `workdir/checkpoints`.
 
 One `CheckpointManager` keeps the `keep` most recent checkpoints plus the one
-with the lowest evaluation top-1 error. Orbax writes each checkpoint into a
+with the lowest evaluation top-1 error and, for snapshot ensembles, the
+snapshot at the end of each learning-rate cycle. `initialize_from` starts a
+fine-tuning run from another run's weights. Orbax writes each checkpoint into a
 temporary directory and renames it when complete, so a process killed while
 saving leaves only a temporary directory, which `latest_step` ignores and the
 next manager deletes. On pods, `workdir` must be storage every host can see
 (e.g. `gs://...`); orbax coordinates the hosts' writes.
 """
 
+import json
 import signal
 import threading
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
+import flax
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -22,6 +27,8 @@ from gunn_jax.errors import UserError
 
 # The metric that ranks checkpoints for `which='best'`.
 BEST_METRIC = 'top1_error'
+# The run's config, written by `train.train_and_evaluate`.
+CONFIG_FILE = 'config.json'
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -48,7 +55,10 @@ def ensure_writable(workdir: str) -> None:
 
 
 def create_manager(
-  workdir: str, keep: int = 3, read_only: bool = False
+  workdir: str,
+  keep: int = 3,
+  read_only: bool = False,
+  keep_steps: Sequence[int] = (),
 ) -> ocp.CheckpointManager:
   """Returns the checkpoint manager of `workdir`.
 
@@ -56,10 +66,13 @@ def create_manager(
     workdir: the run's directory; checkpoints live in `workdir/checkpoints`.
     keep: number of most recent checkpoints kept besides the best one.
     read_only: open existing checkpoints without creating or deleting any.
+    keep_steps: steps whose checkpoints are never deleted (the snapshots of
+      a snapshot ensemble).
   """
   policy = ocp.checkpoint_managers.AnyPreservationPolicy(
     [
       ocp.checkpoint_managers.LatestN(n=keep),
+      ocp.checkpoint_managers.CustomSteps(steps=keep_steps),
       ocp.checkpoint_managers.BestN(
         get_metric_fn=lambda metrics: metrics[BEST_METRIC],
         reverse=True,  # Sorted by decreasing error; the last n are kept.
@@ -76,7 +89,12 @@ def create_manager(
     create=not read_only,
     read_only=read_only,
   )
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  return ocp.CheckpointManager(
+    checkpoint_dir(workdir),
+    options=options,
+    # Named so that `item_metadata` works before any save or restore.
+    item_handlers=ocp.StandardCheckpointHandler(),
+  )
 
 
 def save(
@@ -144,6 +162,94 @@ def restore(
       f'Checkpoint {step} in {manager.directory} does not fit '
       f'the configured model: {e}'.splitlines()[0]
     ) from e
+
+
+def restore_as_saved(
+  manager: ocp.CheckpointManager, step: int, sharding: jax.sharding.Sharding
+) -> Any:
+  """Restores the state saved at `step` with its saved structure and shapes.
+
+  For checkpoints of another configuration (fine-tuning), where no abstract
+  state is at hand. Every array is placed with `sharding`.
+  """
+  metadata = manager.item_metadata(step).tree
+  abstract = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+    metadata,
+  )
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def initialize_from(
+  state: Any, workdir: str, reset_classifier: bool = True
+) -> Any:
+  """Fine-tuning: `state` with the weights of `workdir`'s latest checkpoint.
+
+  Parameters and BatchNorm statistics are copied bit for bit, except that
+  with `reset_classifier` the classifier keeps its fresh initialisation (for
+  a new number of classes). Step and optimiser state stay fresh.
+
+  Args:
+    state: a fresh `TrainState` (`params`, `batch_stats`) of the new run.
+    workdir: the run whose latest checkpoint gives the weights.
+    reset_classifier: keep `state`'s classifier (`params['classifier']`).
+
+  Returns:
+    `state` with the restored weights, placed like `state.params`.
+
+  Raises:
+    UserError: if `workdir` has no checkpoint, or its parameter paths or
+      shapes differ from the model's (named in the message).
+  """
+  manager = create_manager(workdir, read_only=True)
+  try:
+    step = select_step(manager, 'latest')
+    sharding = jax.tree.leaves(state.params)[0].sharding
+    saved = restore_as_saved(manager, step, sharding)
+  finally:
+    manager.close()
+  fresh = {'params': state.params, 'batch_stats': state.batch_stats}
+  target = flax.traverse_util.flatten_dict(fresh, sep='/')
+  source = flax.traverse_util.flatten_dict(
+    {key: saved[key] for key in fresh}, sep='/'
+  )
+  reset = lambda path: (
+    reset_classifier and path.startswith('params/classifier/')
+  )
+  shape = lambda tree, path: list(tree[path].shape) if path in tree else None
+  mismatched = [
+    f'{path}: {shape(source, path)} vs {shape(target, path)}'
+    for path in sorted(set(target) | set(source))
+    if not reset(path) and shape(source, path) != shape(target, path)
+  ]
+  if mismatched:
+    hint = '' if reset_classifier else ' (or set init_reset_classifier=True)'
+    raise UserError(
+      f'Cannot initialise from {workdir} (step {step}): '
+      f'{len(mismatched)} parameters differ (checkpoint vs model): '
+      f'{"; ".join(mismatched[:4])}{"; ..." if len(mismatched) > 4 else ""}'
+      f'. Use the same config.model as that run{hint}.'
+    )
+  merged = flax.traverse_util.unflatten_dict(
+    {path: (target if reset(path) else source)[path] for path in target},
+    sep='/',
+  )
+  logging.info('Initialised from %s, step %d.', workdir, step)
+  return state.replace(**merged)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """Returns the config a run was trained with (`workdir/config.json`).
+
+  Raises:
+    UserError: if `workdir` has no config.json.
+  """
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise UserError(
+      f'No {CONFIG_FILE} in {workdir}; give the --workdir of a training run.'
+    )
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 class PreemptionNotice:

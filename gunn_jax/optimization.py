@@ -48,7 +48,7 @@ def create_learning_rate_fn(
   """
   base = config.learning_rate
   if config.lr_schedule == 'snapshot':
-    cycle = math.ceil(num_train_steps / config.snapshot_cycles)
+    cycle = _snapshot_cycle_steps(config, num_train_steps)
     return lambda step: (
       base / 2 * (jnp.cos(jnp.pi * (step % cycle) / cycle) + 1)
     )
@@ -64,6 +64,26 @@ def create_learning_rate_fn(
     return base * scale
 
   return schedule
+
+
+def _snapshot_cycle_steps(config, num_train_steps: int) -> int:
+  return math.ceil(num_train_steps / config.snapshot_cycles)
+
+
+def snapshot_steps(
+  config: ml_collections.ConfigDict, num_train_steps: int
+) -> tuple[int, ...]:
+  """Steps that end a cycle of the 'snapshot' schedule (else empty).
+
+  The learning rate is lowest there: the snapshots of Huang et al. (2017).
+  With T steps and cycles of C = ceil(T / M) steps: C, 2C, ... and T.
+  """
+  if config.lr_schedule != 'snapshot':
+    return ()
+  cycle = _snapshot_cycle_steps(config, num_train_steps)
+  return tuple(
+    sorted({*range(cycle, num_train_steps + 1, cycle), num_train_steps})
+  )
 
 
 def create_optimizer(

@@ -106,6 +106,23 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]):
   return state, step_metrics
 
 
+def log_probabilities(
+  apply_fn: Callable, variables: dict, images: jax.Array
+) -> jax.Array:
+  """Evaluation-mode log class probabilities [B, num_classes].
+
+  Images [B, H, W, C], or [B, crops, H, W, C] for multi-crop evaluation,
+  where the softmax outputs are averaged over the crops.
+  """
+  if images.ndim == 4:
+    return jax.nn.log_softmax(apply_fn(variables, images, train=False))
+  logits = apply_fn(
+    variables, images.reshape(-1, *images.shape[2:]), train=False
+  )
+  probs = jax.nn.softmax(logits).reshape(*images.shape[:2], -1).mean(1)
+  return jnp.log(probs)
+
+
 def eval_step(
   state: TrainState, batch: dict[str, jax.Array]
 ) -> dict[str, jax.Array]:
@@ -115,17 +132,7 @@ def eval_step(
   where the softmax outputs are averaged over the crops.
   """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  images = batch['images']
-  if images.ndim == 5:
-    logits = state.apply_fn(
-      variables, images.reshape(-1, *images.shape[2:]), train=False
-    )
-    probs = jax.nn.softmax(logits).reshape(*images.shape[:2], -1).mean(1)
-    log_probs = jnp.log(probs)
-  else:
-    log_probs = jax.nn.log_softmax(
-      state.apply_fn(variables, images, train=False)
-    )
+  log_probs = log_probabilities(state.apply_fn, variables, batch['images'])
   labels = batch['labels']
   mask = batch['mask'].astype(bool)
   loss = -jnp.take_along_axis(log_probs, labels[:, None], -1)[:, 0]
@@ -385,12 +392,19 @@ def train_and_evaluate(
   )
 
   writer = metric_io.create_writer(workdir)
-  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+  snapshot_steps = optimization.snapshot_steps(config, num_steps)
+  manager = checkpointing.create_manager(
+    workdir, config.keep_checkpoints, keep_steps=snapshot_steps
+  )
   preemption = checkpointing.PreemptionNotice()
   try:
     last_checkpoint = manager.latest_step()
     if last_checkpoint is None:
       state = experiment.create_state(config.seed)
+      if config.init_from:
+        state = checkpointing.initialize_from(
+          state, config.init_from, config.init_reset_classifier
+        )
     else:
       logging.info('Resuming from checkpoint %d.', last_checkpoint)
       state = checkpointing.restore(
@@ -398,7 +412,7 @@ def train_and_evaluate(
       )
     initial_step = int(state.step)
     if jax.process_index() == 0:
-      (epath.Path(workdir) / 'config.json').write_text(
+      (epath.Path(workdir) / checkpointing.CONFIG_FILE).write_text(
         config.to_json_best_effort(indent=2)
       )
       metric_io.truncate_after(workdir, initial_step)
@@ -442,7 +456,10 @@ def train_and_evaluate(
       do_eval = last or (eval_every > 0 and step % eval_every == 0)
       preempted = preemption.reached(manager, step)
       do_save = (
-        do_eval or preempted or step % config.checkpoint_every_steps == 0
+        do_eval
+        or preempted
+        or step % config.checkpoint_every_steps == 0
+        or step in snapshot_steps
       )
       do_log = last or step % config.log_every_steps == 0
       if do_log or do_save:
