@@ -1,0 +1,300 @@
+"""Train-step benchmark of GUNN and SUNN networks (issue 8).
+
+  python -m benchmarks.run --models gunn15,sunn15 --batch_size 64 \
+      --json out.json
+
+For each model, variant and dtype it compiles the real training step
+(`gunn_jax.train.train_step` with `gunn_jax.optimization`'s SGD, Nesterov
+momentum and coupled weight decay from `configs/base.py`, BatchNorm in
+training mode, state donated, batch sharded over all devices) on the default
+JAX backend and measures, on random data:
+
+  * step_ms_median/min/max: wall time of `--steps` steps after `--warmup`;
+  * images_per_s: batch_size / median step time;
+  * compile_s: tracing, lowering and compiling (`lower().compile()`); run
+    without a persistent compilation cache (JAX_COMPILATION_CACHE_DIR) for
+    honest figures;
+  * temp_bytes: XLA's temporary buffers of the compiled step
+    (`memory_analysis().temp_size_in_bytes`), i.e. activations kept for the
+    backward pass and scratch, without parameters, optimiser state or batch;
+  * flops: `cost_analysis()['flops']` of the compiled step. XLA counts a loop
+    body once, not once per iteration, so for the scanned GUNN layers this is
+    a lower bound: compare it between runs, not between variants.
+
+Variants: `gunn` (Algorithm-1 backprop, the default), `gunn_autodiff`
+(`memory_efficient=False`) and `sunn` (the simultaneous twin: `gunn15` ->
+`sunn15`). Each model name is mapped to the network of the variant, so
+`--models gunn15,sunn15` and `--models gunn15` measure the same three
+networks. Images are 32x32 for CIFAR-style networks and 224x224 for
+ImageNet-style ones unless `--image_size` is given.
+
+One more record (variant `input_pipeline`) gives the training input
+pipeline's images/s for CIFAR-style preprocessing: scikit-learn digits
+resized to `--input_image_size` (32) run the same in-memory path as CIFAR
+(see `benchmarks/input_pipeline.py`).
+
+The JSON file is a list of records; every record also describes the machine
+(device kind, platform, CPU count, JAX version) and the 1-minute load
+average when its measurement started.
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import time
+
+import jax
+
+from benchmarks import input_pipeline as input_benchmark
+from configs import base
+from gunn_jax import models, optimization, sharding, train
+
+VARIANTS = ('gunn', 'gunn_autodiff', 'sunn')
+_DTYPES = {'float32': False, 'bfloat16': True}  # -> config.half_precision.
+_NUM_TRAIN_EXAMPLES = 50_000  # Only sets the LR schedule's boundaries.
+
+
+def network_name(model: str, variant: str) -> str:
+  """The registered network that `variant` of `model` measures."""
+  if variant not in VARIANTS:
+    raise ValueError(f'Unknown variant {variant!r}; known: {VARIANTS}.')
+  old, new = ('gunn', 'sunn') if variant == 'sunn' else ('sunn', 'gunn')
+  name = model.replace(old, new, 1)
+  if name not in models.MODELS:
+    raise ValueError(f'Variant {variant!r} of {model!r}: no model {name!r}.')
+  return name
+
+
+def machine() -> dict:
+  device = jax.devices()[0]
+  return {
+    'device_kind': device.device_kind,
+    'platform': device.platform,
+    'device_count': jax.device_count(),
+    'cpu_count': os.cpu_count(),
+    'jax_version': jax.__version__,
+  }
+
+
+def _first(analysis):
+  # cost_analysis() is a dict in recent JAX, a list of dicts (one per
+  # program) in older versions.
+  if isinstance(analysis, (list, tuple)):
+    return analysis[0] if analysis else {}
+  return analysis or {}
+
+
+def measure_train_step(
+  name, variant, dtype, batch_size, image_size, steps, warmup
+) -> dict:
+  """Compiles and times the training step of one network; returns a record.
+
+  The step is jitted as `train.create_experiment` does it (state replicated
+  and donated, batch sharded over all devices), but without a dataset, so
+  that ImageNet-style networks keep their 1000 classes.
+  """
+  config = base.get_config()
+  config.model = name
+  config.memory_efficient = variant != 'gunn_autodiff'
+  config.half_precision = _DTYPES[dtype]
+  num_classes = 1000 if models.MODELS[name].get('imagenet_stem') else 10
+  model = train.create_model(config, num_classes)
+  lr_fn = optimization.create_learning_rate_fn(
+    config,
+    _NUM_TRAIN_EXAMPLES,
+    optimization.total_train_steps(config, _NUM_TRAIN_EXAMPLES),
+  )
+  tx = optimization.create_optimizer(config, lr_fn)
+  image_shape = (image_size, image_size, 3)
+  mesh = sharding.create_mesh()
+  replicated = sharding.replicated(mesh)
+  state = jax.jit(
+    functools.partial(train.create_train_state, model, tx, image_shape),
+    out_shardings=replicated,
+  )(jax.random.key(0))
+  image_key, label_key = jax.random.split(jax.random.key(1))
+  batch = jax.device_put(
+    {
+      'images': jax.random.normal(image_key, (batch_size, *image_shape)),
+      'labels': jax.random.randint(label_key, (batch_size,), 0, num_classes),
+    },
+    sharding.batch_sharded(mesh),
+  )
+  train_step = jax.jit(
+    train.train_step,
+    in_shardings=(replicated, sharding.batch_sharded(mesh)),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )
+  load = os.getloadavg()[0]
+  start = time.perf_counter()
+  compiled = train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  flops = _first(compiled.cost_analysis()).get('flops')
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(1000 * (time.perf_counter() - start))
+  loss = float(metrics.compute()['loss'])
+  if not math.isfinite(loss):
+    raise FloatingPointError(f'{name} {variant} {dtype}: loss is {loss}.')
+  median = statistics.median(times)
+  return {
+    'model': name,
+    'variant': variant,
+    'dtype': dtype,
+    'batch_size': batch_size,
+    'image_size': image_size,
+    'steps': steps,
+    'step_ms_median': median,
+    'step_ms_min': min(times),
+    'step_ms_max': max(times),
+    'images_per_s': 1000 * batch_size / median,
+    'compile_s': compile_s,
+    'temp_bytes': memory.temp_size_in_bytes if memory else None,
+    'flops': float(flops) if flops is not None else None,
+    'num_params': sum(x.size for x in jax.tree.leaves(state.params)),
+    'load_avg_1m': load,
+  }
+
+
+def measure_input_pipeline(batch_size, image_size, num_batches) -> dict:
+  """Images/s of the CIFAR-style training pipeline on digits; a record."""
+  config = base.get_config()
+  config.dataset = 'digits'
+  config.batch_size = batch_size
+  config.image_size = image_size
+  load = os.getloadavg()[0]
+  rate = input_benchmark.measure_train_throughput(
+    config, num_batches, warmup=max(1, num_batches // 10)
+  )
+  return {
+    'model': 'digits',
+    'variant': 'input_pipeline',
+    'dtype': 'float32',
+    'batch_size': batch_size,
+    'image_size': image_size,
+    'steps': num_batches,
+    'step_ms_median': None,
+    'step_ms_min': None,
+    'step_ms_max': None,
+    'images_per_s': rate,
+    'compile_s': None,
+    'temp_bytes': None,
+    'flops': None,
+    'num_params': None,
+    'load_avg_1m': load,
+  }
+
+
+def _cell(value, fmt):
+  return '-' if value is None else format(value, fmt)
+
+
+def markdown_table(records) -> str:
+  lines = [
+    '| model | variant | dtype | batch | image | step ms median (min-max) '
+    '| images/s | compile s | temp MiB | GFLOP/step | load |',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  for r in records:
+    step = '-'
+    if r['step_ms_median'] is not None:
+      step = (
+        f'{r["step_ms_median"]:.0f} ({r["step_ms_min"]:.0f}-'
+        f'{r["step_ms_max"]:.0f})'
+      )
+    temp = None if r['temp_bytes'] is None else r['temp_bytes'] / 2**20
+    gflop = None if r['flops'] is None else r['flops'] / 1e9
+    lines.append(
+      f'| {r["model"]} | {r["variant"]} | {r["dtype"]} | {r["batch_size"]} '
+      f'| {r["image_size"]} | {step} | {r["images_per_s"]:.1f} '
+      f'| {_cell(r["compile_s"], ".1f")} | {_cell(temp, ".1f")} '
+      f'| {_cell(gflop, ".1f")} | {r["load_avg_1m"]:.2f} |'
+    )
+  return '\n'.join(lines)
+
+
+def _names(text):
+  return [item for item in text.split(',') if item]
+
+
+def main(argv=None) -> list[dict]:
+  """Runs the benchmark; returns the records written to `--json`."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--models', type=_names, default=['gunn15'])
+  parser.add_argument('--variants', type=_names, default=list(VARIANTS))
+  parser.add_argument('--dtypes', type=_names, default=['float32'])
+  parser.add_argument('--batch_size', type=int, default=64)
+  parser.add_argument(
+    '--image_size', type=int, default=0, help='0: 32 CIFAR, 224 ImageNet.'
+  )
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--input_image_size', type=int, default=32)
+  parser.add_argument(
+    '--input_batches', type=int, default=200, help='0: skip the input record.'
+  )
+  parser.add_argument('--json', default=None, help='Output file.')
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+    parser.error('--steps and --batch_size must be >= 1, --warmup >= 0.')
+  unknown = set(args.dtypes) - set(_DTYPES)
+  if unknown:
+    parser.error(f'unknown dtypes {sorted(unknown)}; known: {list(_DTYPES)}.')
+  runs = []  # (network, variant, dtype), without repeats.
+  for model in args.models:
+    for variant in args.variants:
+      try:
+        name = network_name(model, variant)
+      except ValueError as e:
+        parser.error(str(e))
+      for dtype in args.dtypes:
+        if (name, variant, dtype) not in runs:
+          runs.append((name, variant, dtype))
+
+  records = []
+  for name, variant, dtype in runs:
+    image_size = args.image_size or (
+      224 if models.MODELS[name].get('imagenet_stem') else 32
+    )
+    records.append(
+      measure_train_step(
+        name,
+        variant,
+        dtype,
+        args.batch_size,
+        image_size,
+        args.steps,
+        args.warmup,
+      )
+    )
+    print(markdown_table(records[-1:]).splitlines()[-1], flush=True)
+  if args.input_batches:
+    records.append(
+      measure_input_pipeline(
+        args.batch_size, args.input_image_size, args.input_batches
+      )
+    )
+  description = machine()
+  records = [{**r, **description} for r in records]
+  print(
+    f'\n{description["device_kind"]} ({description["platform"]}), '
+    f'{description["cpu_count"]} CPUs, jax {description["jax_version"]}\n'
+  )
+  print(markdown_table(records))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(records, f, indent=2)
+  return records
+
+
+if __name__ == '__main__':
+  main()

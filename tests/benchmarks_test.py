@@ -1,0 +1,104 @@
+"""Tests of the benchmark entry point `benchmarks/run.py` on a tiny model."""
+
+import json
+import math
+
+import jax
+import pytest
+
+from benchmarks import run
+
+_TRAIN_FLOATS = (
+  'step_ms_median',
+  'step_ms_min',
+  'step_ms_max',
+  'images_per_s',
+  'compile_s',
+  'flops',
+)
+
+
+@pytest.mark.parametrize(
+  'model, variant, network',
+  [
+    ('gunn15', 'gunn', 'gunn15'),
+    ('gunn15', 'gunn_autodiff', 'gunn15'),
+    ('gunn15', 'sunn', 'sunn15'),
+    ('sunn15', 'gunn', 'gunn15'),
+    ('sunn15', 'sunn', 'sunn15'),
+    ('wide_gunn18', 'sunn', 'wide_sunn18'),
+  ],
+)
+def test_network_name(model, variant, network):
+  assert run.network_name(model, variant) == network
+
+
+@pytest.mark.parametrize(
+  'model, variant', [('gunn15_nores', 'sunn'), ('gunn15', 'gunn_fast')]
+)
+def test_network_name_errors(model, variant):
+  with pytest.raises(ValueError):
+    run.network_name(model, variant)
+
+
+def test_unknown_dtype_exits_with_status_2(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    run.main(['--models', 'gunn_tiny', '--dtypes', 'float16'])
+  assert exit_info.value.code == 2
+  assert "unknown dtypes ['float16']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures('fast_compile')
+def test_tiny_run_writes_json(tmp_path, capsys):
+  path = tmp_path / 'out.json'
+  returned = run.main(
+    [
+      '--models=gunn_tiny',
+      '--image_size=16',
+      '--batch_size=4',
+      '--steps=2',
+      '--warmup=1',
+      '--input_batches=3',
+      '--input_image_size=16',
+      f'--json={path}',
+    ]
+  )
+  records = json.loads(path.read_text())
+  assert records == returned
+  assert [(r['model'], r['variant']) for r in records] == [
+    ('gunn_tiny', 'gunn'),
+    ('gunn_tiny', 'gunn_autodiff'),
+    ('sunn_tiny', 'sunn'),
+    ('digits', 'input_pipeline'),
+  ]
+  for r in records:
+    assert r['dtype'] == 'float32'
+    assert r['batch_size'] == 4
+    assert r['device_kind'] == jax.devices()[0].device_kind
+    assert r['platform'] == jax.devices()[0].platform
+    assert r['jax_version'] == jax.__version__
+    assert isinstance(r['cpu_count'], int) and r['cpu_count'] > 0
+    assert isinstance(r['images_per_s'], float) and r['images_per_s'] > 0
+    assert math.isfinite(r['images_per_s'])
+
+  *steps, pipeline = records
+  for r in steps:
+    assert r['image_size'] == 16 and r['steps'] == 2
+    for key in _TRAIN_FLOATS:
+      assert isinstance(r[key], float), key
+      assert math.isfinite(r[key]) and r[key] > 0, key
+    assert r['step_ms_min'] <= r['step_ms_median'] <= r['step_ms_max']
+    assert r['images_per_s'] == pytest.approx(4000 / r['step_ms_median'])
+    assert isinstance(r['temp_bytes'], int) and r['temp_bytes'] > 0
+    assert isinstance(r['num_params'], int) and r['num_params'] > 0
+  # The variant reaches the model: Algorithm 1 keeps fewer activations.
+  gunn, autodiff, _ = steps
+  assert gunn['num_params'] == autodiff['num_params']
+  assert gunn['temp_bytes'] < autodiff['temp_bytes']
+  assert pipeline['image_size'] == 16
+  assert pipeline['compile_s'] is None and pipeline['temp_bytes'] is None
+
+  table = capsys.readouterr().out
+  assert '| model | variant | dtype |' in table
+  assert '| digits | input_pipeline | float32 | 4 | 16 | - |' in table
