@@ -13,7 +13,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gunn_jax import train
+from gunn_jax import distributed, train
 from gunn_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,6 +35,9 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
   'process_id', None, 'Multi-process runs: index of this process.'
 )
+_PEER_TIMEOUT = flags.DEFINE_integer(
+  'peer_timeout_s', 100, 'Multi-process: seconds until a dead peer ends all.'
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -45,12 +48,14 @@ def main(argv):
   logging.get_absl_logger().addFilter(
     lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname
   )
-  if _COORDINATOR.value:
-    # CPU collectives across processes; GPU and TPU backends ignore this.
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-    )
+  # Before any other JAX call; see distributed.py for flags, environment
+  # variables and cluster detection.
+  distributed.initialize(
+    _COORDINATOR.value,
+    _NUM_PROCESSES.value,
+    _PROCESS_ID.value,
+    peer_timeout_s=_PEER_TIMEOUT.value,
+  )
   # TensorFlow only feeds the input pipeline; JAX owns the accelerators.
   tf.config.set_visible_devices([], 'GPU')
   logging.info(

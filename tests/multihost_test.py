@@ -1,0 +1,175 @@
+"""Multi-process JAX on this machine: 2 processes x 2 CPU devices, as on a pod.
+
+The processes run `main.py` (through `multihost_worker.py`, which adds test
+faults and parameter dumps) under `gunn_jax.launch`, on the quickstart
+config shrunk to gunn_tiny on 8x8 digits.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import quickstart
+from gunn_jax import checkpointing, input_pipeline, metric_io
+
+pytestmark = pytest.mark.slow
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {
+  'model': 'gunn_tiny',
+  'image_size': 8,
+  'batch_size': 32,
+  'eval_batch_size': 64,
+  'num_train_steps': 6,
+  'checkpoint_every_steps': 2,
+  'eval_every_steps': 3,
+  'log_every_steps': 2,
+  'prefetch_batches': 1,
+}
+# Short, so that a failed process ends the run within seconds here.
+PEER_TIMEOUT_S = 15
+
+
+def main_args(workdir):
+  return [
+    'tests/multihost_worker.py',
+    '--config=configs/quickstart.py',
+    f'--workdir={workdir}',
+    f'--peer_timeout_s={PEER_TIMEOUT_S}',
+    *(f'--config.{k}={v}' for k, v in OVERRIDES.items()),
+  ]
+
+
+def run(args, timeout=400, **env):
+  """Runs Python in the repository; returns (status, output, seconds)."""
+  start = time.monotonic()
+  result = subprocess.run(
+    [sys.executable, *args],
+    cwd=REPO_ROOT,
+    env={
+      **os.environ,
+      'JAX_PLATFORMS': 'cpu',
+      'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',
+      'PYTHONPATH': REPO_ROOT,
+      **env,
+    },
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=timeout,
+  )
+  return result.returncode, result.stdout, time.monotonic() - start
+
+
+def launch(workdir, **env):
+  return run(
+    [
+      '-m',
+      'gunn_jax.launch',
+      '--num_processes=2',
+      '--devices_per_process=2',
+      '--',
+      *main_args(workdir),
+    ],
+    **env,
+  )
+
+
+def load_params(path):
+  with np.load(path) as f:
+    return dict(f)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """One 2x2 run killed after its step-4 checkpoint and relaunched; a 1x4 run.
+
+  Both end at step 6; each process dumps its parameters.
+  """
+  root = tmp_path_factory.mktemp('multihost')
+  multi, single = root / 'multi', root / 'single'
+  killed = launch(
+    multi, GUNN_TEST_KILL_AT_STEP='4', GUNN_TEST_DUMP_DIR=str(root)
+  )
+  resumed = launch(multi, GUNN_TEST_DUMP_DIR=str(multi))
+  (single / 'dump').mkdir(parents=True)
+  alone = run(
+    main_args(single),
+    XLA_FLAGS='--xla_force_host_platform_device_count=4',
+    GUNN_TEST_DUMP_DIR=str(single / 'dump'),
+  )
+  return {
+    'root': root,
+    'multi': multi,
+    'killed': killed,
+    'resumed': resumed,
+    'alone': alone,
+    'single_params': single / 'dump' / 'params_0.npz',
+  }
+
+
+def test_killed_run_resumes_from_latest_checkpoint(runs):
+  status, output, _ = runs['killed']
+  assert status != 0
+  assert 'gunn_jax.launch: process 0 failed with exit status -9' in output
+  assert not list(runs['root'].glob('params_*.npz'))  # Neither finished.
+  status, output, _ = runs['resumed']
+  assert status == 0, output[-3000:]
+  for p in (0, 1):
+    assert re.search(rf'\[process {p}\] .*Resuming from checkpoint 4\.', output)
+  train_steps = [
+    r['step']
+    for r in metric_io.read_metrics(runs['multi'], 'train')
+    if 'loss' in r
+  ]
+  assert train_steps == [2, 4, 6]  # Nothing logged twice after the resume.
+
+
+def test_processes_end_equal_to_one_process_with_four_devices(runs):
+  assert runs['alone'][0] == 0, runs['alone'][1][-3000:]
+  p0, p1 = (load_params(runs['multi'] / f'params_{p}.npz') for p in (0, 1))
+  single = load_params(runs['single_params'])
+  assert p0.keys() == p1.keys() == single.keys()
+  for key in p0:
+    np.testing.assert_array_equal(p0[key], p1[key])
+    np.testing.assert_allclose(p0[key], single[key], rtol=1e-5, atol=1e-6)
+
+
+def test_one_checkpoint_per_saved_step(runs):
+  names = sorted(os.listdir(checkpointing.checkpoint_dir(runs['multi'])))
+  # Saved: 2, 3, 4 (killed), then 6; the 3 latest are kept.
+  assert names == ['3', '4', '6']
+  manager = checkpointing.create_manager(str(runs['multi']), read_only=True)
+  try:
+    assert list(manager.all_steps()) == [3, 4, 6]
+  finally:
+    manager.close()
+
+
+def test_eval_counts_the_whole_test_split_once(runs):
+  config = quickstart.get_config()
+  config.update(OVERRIDES)
+  num_eval = input_pipeline.get_dataset_info(config).num_eval_examples
+  assert num_eval == 355
+  evals = metric_io.read_metrics(runs['multi'], 'eval')
+  assert [r['step'] for r in evals] == [3, 6]
+  assert all(r['num_examples'] == num_eval for r in evals)
+
+
+def test_failure_of_one_process_ends_the_run(tmp_path):
+  status, output, seconds = launch(
+    tmp_path / 'run', GUNN_TEST_BAD_DATA_PROCESS='1'
+  )
+  assert status != 0
+  assert re.search(
+    r'\[process 1\] error: Image folder /nonexistent/gunn_data/train is '
+    'missing',
+    output,
+  )
+  assert 'gunn_jax.launch: process ' in output
+  assert 'failed with exit status' in output
+  assert seconds < 120
