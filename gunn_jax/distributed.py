@@ -13,8 +13,8 @@ finds the others:
   * Otherwise: a single process, and no runtime is started.
 
 CPU processes exchange collectives through gloo, chosen here when
-`JAX_PLATFORMS` (or `--jax_platforms`) starts with `cpu`: the platform must
-be known before JAX starts a backend. (Unset, JAX 0.10 also picks gloo.)
+`JAX_PLATFORMS` starts with `cpu`: the platform must be known before JAX
+starts a backend. (Unset, JAX 0.10 also picks gloo.)
 
 A process that fails or dies ends the run: the others stop once
 `peer_timeout_s` passes without its heartbeats, or with it missing at
