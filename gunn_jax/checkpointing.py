@@ -11,6 +11,7 @@ next manager deletes. On pods, `workdir` must be storage every host can see
 """
 
 import json
+import os
 import signal
 import threading
 import uuid
@@ -32,6 +33,10 @@ CONFIG_FILE = 'config.json'
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
+  workdir = str(workdir)
+  if '://' not in workdir:
+    # Orbax refuses relative paths (e.g. --workdir=runs/quickstart).
+    workdir = os.path.abspath(workdir)
   return epath.Path(workdir) / 'checkpoints'
 
 

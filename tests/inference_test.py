@@ -24,7 +24,6 @@ from gunn_jax import (
   input_pipeline,
   metric_io,
   optimization,
-  sharding,
   tools,
   train,
 )
@@ -215,11 +214,8 @@ def test_ensemble_covers_the_split_and_reports_each_snapshot(run):
 
 
 def test_ensemble_of_identical_models_equals_one_model(run):
-  model = inference.load(run)
-  variables = jax.device_put(
-    model.variables,
-    sharding.replicated(sharding.create_mesh()),
-  )
+  model = inference.load(run)  # Variables replicated on all devices.
+  variables = model.variables
   results = inference.evaluate_models(model.config, [variables, variables])
   expected = last_eval(run)
   for errors in (*results['models'], results['ensemble']):
@@ -352,8 +348,16 @@ def test_cli_features_saves_npy(run, image_files, tmp_path, capsys):
   )
 
 
-def test_cli_ensemble_prints_json_lines(run, capsys):
-  assert tools.main(['ensemble', f'--workdir={run}', '--num_snapshots=2']) == 0
+def test_cli_ensemble_prints_json_lines(run, capsys, monkeypatch):
+  # Relative workdirs, as in the README, although orbax needs absolute ones.
+  monkeypatch.chdir(os.path.dirname(run))
+  workdir = os.path.basename(run)
+  assert str(checkpointing.checkpoint_dir(workdir)) == os.path.join(
+    run, 'checkpoints'
+  )
+  assert (
+    tools.main(['ensemble', f'--workdir={workdir}', '--num_snapshots=2']) == 0
+  )
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [line.get('step') for line in lines] == [4, 6, None]
   assert lines[-1]['num_snapshots'] == 2
