@@ -54,3 +54,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3  # Most recent checkpoints kept (+ the best).
   config.profile_steps = 5  # Steps traced early on process 0; 0 = no profile.
   return config
+
+
+def parse_argument(arg: str, options: tuple[str, ...]) -> tuple[str, set]:
+  """Splits a `MODEL[,OPTION...]` config argument into the model and options.
+
+  Raises:
+    ValueError: without a model, or for an option not in `options`.
+  """
+  model, *chosen = arg.split(',')
+  if not model or set(chosen) - set(options):
+    raise ValueError(
+      f'Config argument {arg!r}: expected MODEL[,OPTION...] '
+      f'with options from {options}.'
+    )
+  return model, set(chosen)

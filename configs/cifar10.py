@@ -35,13 +35,7 @@ _OPTIONS = ('snapshot', 'smoke')
 
 def cifar_config(dataset: str, arg: str) -> ml_collections.ConfigDict:
   """Returns the paper's CIFAR recipe for `dataset` and `MODEL[,OPTION...]`."""
-  model, *options = arg.split(',')
-  unknown = set(options) - set(_OPTIONS)
-  if not model or unknown:
-    raise ValueError(
-      f'Config argument {arg!r}: expected MODEL[,OPTION...] '
-      f'with options from {_OPTIONS}.'
-    )
+  model, options = base.parse_argument(arg, _OPTIONS)
   config = base.get_config()
   config.model = model
   config.dataset = dataset

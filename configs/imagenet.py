@@ -29,13 +29,7 @@ _OPTIONS = ('densenet90', 'smoke')
 
 
 def get_config(arg: str = 'gunn18') -> ml_collections.ConfigDict:
-  model, *options = arg.split(',')
-  unknown = set(options) - set(_OPTIONS)
-  if not model or unknown:
-    raise ValueError(
-      f'Config argument {arg!r}: expected MODEL[,OPTION...] '
-      f'with options from {_OPTIONS}.'
-    )
+  model, options = base.parse_argument(arg, _OPTIONS)
   config = base.get_config()
   config.model = model
   config.dataset = 'imagenet2012'
