@@ -16,9 +16,10 @@ each unit's input state is rebuilt from them in reverse order.
 
 XLA:CPU notes that shaped this file: 1x1 convolutions are written as `Dense`
 over the channel axis (they are 6-9x faster than `lax.conv` there), and the
-3x3 convolution inside the units has a custom VJP made of forward-layout
-convolutions only (XLA:CPU is 25x slower at convolution gradients inside a
-loop body otherwise).
+3x3 convolution inside the units has a custom VJP: a forward-layout
+convolution for the input gradient and one channel matmul per kernel tap for
+the kernel gradient (XLA:CPU is 25x slower at its own convolution gradients
+inside a loop body).
 """
 
 from typing import Any
@@ -51,9 +52,10 @@ def _conv(images: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
 def conv_same(images: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 convolution with 'same' zero padding and an odd kernel.
 
-  Its gradients are computed with forward-layout convolutions only, which
-  XLA:CPU runs fast inside loop bodies (its own gradient convolutions there
-  are up to 25x slower); the values equal `lax.conv_general_dilated`'s.
+  Its gradients are a forward-layout convolution (images) and per-tap
+  channel matmuls (kernel), which XLA:CPU runs fast inside loop bodies (its
+  own gradient convolutions there are up to 25x slower); the values equal
+  `lax.conv_general_dilated`'s.
 
   Args:
     images: [B, H, W, C_in].
