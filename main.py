@@ -48,21 +48,21 @@ def main(argv):
   logging.get_absl_logger().addFilter(
     lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname
   )
-  # Before any other JAX call; see distributed.py for flags, environment
-  # variables and cluster detection.
-  distributed.initialize(
-    _COORDINATOR.value,
-    _NUM_PROCESSES.value,
-    _PROCESS_ID.value,
-    peer_timeout_s=_PEER_TIMEOUT.value,
-  )
-  # TensorFlow only feeds the input pipeline; JAX owns the accelerators.
-  tf.config.set_visible_devices([], 'GPU')
-  logging.info(
-    'JAX process %d of %d; devices: %s',
-    *(jax.process_index(), jax.process_count(), jax.devices()),
-  )
   try:
+    # Before any other JAX call; see distributed.py for flags, environment
+    # variables and cluster detection.
+    distributed.initialize(
+      _COORDINATOR.value,
+      _NUM_PROCESSES.value,
+      _PROCESS_ID.value,
+      peer_timeout_s=_PEER_TIMEOUT.value,
+    )
+    # TensorFlow only feeds the input pipeline; JAX owns the accelerators.
+    tf.config.set_visible_devices([], 'GPU')
+    logging.info(
+      'JAX process %d of %d; devices: %s',
+      *(jax.process_index(), jax.process_count(), jax.devices()),
+    )
     if _MODE.value == 'train':
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:

@@ -27,6 +27,8 @@ import jax
 from absl import logging
 from jax._src import xla_bridge  # backends_are_initialized has no public API.
 
+from gunn_jax.errors import UserError
+
 # Seconds every process waits for all of them to connect (hosts of a pod or
 # cluster may start minutes apart).
 INITIALIZATION_TIMEOUT_S = 300
@@ -59,7 +61,7 @@ def initialize(
       that a finishing process waits for the others at shutdown.
 
   Raises:
-    ValueError: if only some of the three are given.
+    UserError: if only some of the three are given.
   """
   explicit = (
     _from_env(coordinator_address, 'JAX_COORDINATOR_ADDRESS'),
@@ -67,7 +69,7 @@ def initialize(
     _from_env(process_id, 'JAX_PROCESS_ID', int),
   )
   if any(v is not None for v in explicit) and None in explicit:
-    raise ValueError(
+    raise UserError(
       'Give all of coordinator address, number of processes and process id '
       f'(flags or JAX_* variables), got {explicit}.'
     )
