@@ -123,6 +123,25 @@ def test_last_segment_sees_first_unit_only_when_gradual(mode, depends):
   assert (norm > 1e-8) == depends
 
 
+def train_mode_gradients(layer, x, scalar_fn):
+  """Output y, BN updates and d scalar_fn(y) / d(params, x) in training mode."""
+  variables = init_float64(layer, x)
+
+  def loss(params, images):
+    y, updated = layer.apply(
+      {**variables, 'params': params},
+      images,
+      train=True,
+      mutable=['batch_stats'],
+    )
+    return scalar_fn(y), (y, updated)
+
+  (_, (y, updated)), grads = jax.jit(
+    jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  )(variables['params'], x)
+  return y, updated, grads
+
+
 @pytest.mark.parametrize('mode', ['gradual', 'simultaneous'])
 @pytest.mark.parametrize('residual', [True, False])
 def test_algorithm1_gradients_equal_autodiff(mode, residual):
@@ -130,26 +149,15 @@ def test_algorithm1_gradients_equal_autodiff(mode, residual):
   with jax.enable_x64(True):
     x = normal((4, 5, 5, CHANNELS))
     target = normal(x.shape, seed=3)
-    results = []
-    for memory_efficient in (True, False):
-      layer = make_layer(mode, residual, memory_efficient)
-      variables = init_float64(layer, x)
-
-      def loss(params, images, layer=layer, variables=variables):
-        y, updated = layer.apply(
-          {**variables, 'params': params},
-          images,
-          train=True,
-          mutable=['batch_stats'],
-        )
-        return jnp.sum((y - target) ** 3), updated
-
-      (value, updated), grads = jax.jit(
-        jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-      )(variables['params'], x)
-      results.append((value, updated, grads))
-    (value, stats, grads), (value_ad, stats_ad, grads_ad) = results
-    np.testing.assert_allclose(value, value_ad, rtol=1e-12)
+    (y, stats, grads), (y_ad, stats_ad, grads_ad) = [
+      train_mode_gradients(
+        make_layer(mode, residual, memory_efficient),
+        x,
+        lambda y: jnp.sum((y - target) ** 3),
+      )
+      for memory_efficient in (True, False)
+    ]
+    np.testing.assert_allclose(y, y_ad, rtol=1e-12)
     jax.tree.map(
       functools.partial(np.testing.assert_allclose, rtol=1e-12), stats, stats_ad
     )
@@ -163,25 +171,14 @@ def test_batched_sunn_equals_scanned_sunn(residual):
   """The GPU/TPU form of SUNN (vmapped units) has the scan's values."""
   with jax.enable_x64(True):
     x = normal((4, 5, 5, CHANNELS))
-    results = []
-    for batch_units in (True, False):
-      layer = make_layer('simultaneous', residual, batch_units=batch_units)
-      variables = init_float64(layer, x)
-
-      def loss(params, images, layer=layer, variables=variables):
-        y, updated = layer.apply(
-          {**variables, 'params': params},
-          images,
-          train=True,
-          mutable=['batch_stats'],
-        )
-        return jnp.sum(jnp.sin(y)), (y, updated)
-
-      results.append(
-        jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(
-          variables['params'], x
-        )
+    results = [
+      train_mode_gradients(
+        make_layer('simultaneous', residual, batch_units=batch_units),
+        x,
+        lambda y: jnp.sum(jnp.sin(y)),
       )
+      for batch_units in (True, False)
+    ]
     jax.tree.map(
       functools.partial(np.testing.assert_allclose, rtol=1e-9, atol=1e-12),
       *results,
