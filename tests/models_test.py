@@ -168,3 +168,33 @@ def test_bfloat16_activations_keep_float32_parameters(tiny):
   assert {leaf.dtype for leaf in jax.tree.leaves(params16)} == {
     jnp.dtype('float32')
   }
+
+
+def training_temp_bytes(name, batch_size):
+  """XLA temporary memory of a compiled training-mode gradient."""
+  model = models.create_model(name, 10)
+  images = jax.ShapeDtypeStruct((batch_size, 32, 32, 3), jnp.float32)
+  variables = abstract_variables(model, 32)
+
+  def loss(params, batch_stats, images):
+    logits, updates = model.apply(
+      {'params': params, 'batch_stats': batch_stats},
+      images,
+      train=True,
+      mutable=['batch_stats'],
+    )
+    return jnp.sum(logits), updates
+
+  compiled = (
+    jax.jit(jax.grad(loss, has_aux=True))
+    .lower(variables['params'], variables['batch_stats'], images)
+    .compile()
+  )
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_gunn15_trains_in_the_memory_of_sunn15():
+  # Algorithm 1 (section 3.4): the gradual update costs no memory over the
+  # simultaneous one. Guards against XLA keeping a copy of a layer's output
+  # alive across the forward/backward boundary (one [B, 32, 32, 240] buffer).
+  assert training_temp_bytes('gunn15', 4) <= training_temp_bytes('sunn15', 4)
