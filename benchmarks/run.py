@@ -53,7 +53,7 @@ from configs import base
 from gunn_jax import models, optimization, sharding, train
 
 VARIANTS = ('gunn', 'gunn_autodiff', 'sunn')
-_DTYPES = {'float32': False, 'bfloat16': True}  # -> config.half_precision.
+DTYPES = {'float32': False, 'bfloat16': True}  # -> config.half_precision.
 _NUM_TRAIN_EXAMPLES = 50_000  # Only sets the LR schedule's boundaries.
 
 
@@ -87,19 +87,22 @@ def _first(analysis):
   return analysis or {}
 
 
-def measure_train_step(
-  name, variant, dtype, batch_size, image_size, steps, warmup
-) -> dict:
-  """Compiles and times the training step of one network; returns a record.
+def compile_train_step(
+  name, variant, dtype, batch_size, image_size, compiler_options=None
+):
+  """Compiles the training step of one network for a batch of random data.
 
   The step is jitted as `train.create_experiment` does it (state replicated
   and donated, batch sharded over all devices), but without a dataset, so
   that ImageNet-style networks keep their 1000 classes.
+
+  Returns:
+    (compiled step, train state, batch, seconds to lower and compile).
   """
   config = base.get_config()
   config.model = name
   config.memory_efficient = variant != 'gunn_autodiff'
-  config.half_precision = _DTYPES[dtype]
+  config.half_precision = DTYPES[dtype]
   num_classes = 1000 if models.MODELS[name].get('imagenet_stem') else 10
   model = train.create_model(config, num_classes)
   lr_fn = optimization.create_learning_rate_fn(
@@ -129,10 +132,19 @@ def measure_train_step(
     out_shardings=(replicated, replicated),
     donate_argnums=0,
   )
-  load = os.getloadavg()[0]
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  compiled = train_step.lower(state, batch).compile(compiler_options)
+  return compiled, state, batch, time.perf_counter() - start
+
+
+def measure_train_step(
+  name, variant, dtype, batch_size, image_size, steps, warmup
+) -> dict:
+  """Compiles and times the training step of one network; returns a record."""
+  load = os.getloadavg()[0]
+  compiled, state, batch, compile_s = compile_train_step(
+    name, variant, dtype, batch_size, image_size
+  )
   memory = compiled.memory_analysis()
   flops = _first(compiled.cost_analysis()).get('flops')
   times = []
@@ -246,9 +258,9 @@ def main(argv=None) -> list[dict]:
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
     parser.error('--steps and --batch_size must be >= 1, --warmup >= 0.')
-  unknown = set(args.dtypes) - set(_DTYPES)
+  unknown = set(args.dtypes) - set(DTYPES)
   if unknown:
-    parser.error(f'unknown dtypes {sorted(unknown)}; known: {list(_DTYPES)}.')
+    parser.error(f'unknown dtypes {sorted(unknown)}; known: {list(DTYPES)}.')
   runs = []  # (network, variant, dtype), without repeats.
   for model in args.models:
     for variant in args.variants:

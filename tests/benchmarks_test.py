@@ -1,4 +1,4 @@
-"""Tests of the benchmark entry point `benchmarks/run.py` on a tiny model."""
+"""Tests of the benchmark entry points `run.py` and `profile.py`, tiny model."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import jax
 import pytest
 
-from benchmarks import run
+from benchmarks import profile, run
 
 _TRAIN_FLOATS = (
   'step_ms_median',
@@ -102,3 +102,22 @@ def test_tiny_run_writes_json(tmp_path, capsys):
   table = capsys.readouterr().out
   assert '| model | variant | dtype |' in table
   assert '| digits | input_pipeline | float32 | 4 | 16 | - |' in table
+
+
+@pytest.mark.usefixtures('fast_compile')
+def test_profile_attributes_time_to_parts_and_operations(capsys):
+  result = profile.main(
+    ['--model=gunn_tiny', '--image_size=16', '--batch_size=4', '--top=5']
+  )
+  parts = result['parts']
+  for direction in ('forward', 'backward'):
+    for part in ('stem', 'stage1_transition', 'stage1_gunn', 'stage2_gunn'):
+      assert parts[(part, direction)] > 0, (part, direction)
+  total = sum(parts.values())
+  assert math.isclose(total, sum(ms for _, _, ms, _, _ in result['ops']))
+  # The GUNN layers' scan bodies run once per segment (P = 2 here).
+  counts = [count for _, count, _, _, op in result['ops'] if 'gunn' in op]
+  assert max(counts) == 2
+  printed = capsys.readouterr().out
+  assert '| stage1_gunn |' in printed
+  assert printed.count('\n| ') >= 5
