@@ -28,7 +28,6 @@ import time
 import jax
 
 from benchmarks import run
-from gunn_jax import models
 
 _PART = re.compile(
   r'/(stem|stage\d+_transition|stage\d+_gunn|final_transition|classifier)[/_]'
@@ -149,9 +148,7 @@ def main(argv=None) -> dict:
     name = run.network_name(args.model, args.variant)
   except ValueError as e:
     parser.error(str(e))
-  image_size = args.image_size or (
-    224 if models.MODELS[name].get('imagenet_stem') else 32
-  )
+  image_size = run.image_size_of(name, args.image_size)
   compiled, state, batch, _ = run.compile_train_step(
     name,
     args.variant,

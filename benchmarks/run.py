@@ -68,6 +68,11 @@ def network_name(model: str, variant: str) -> str:
   return name
 
 
+def image_size_of(name: str, requested: int = 0) -> int:
+  """`requested`, or the paper's input size of the network: 224 or 32."""
+  return requested or (224 if models.MODELS[name].get('imagenet_stem') else 32)
+
+
 def machine() -> dict:
   device = jax.devices()[0]
   return {
@@ -274,9 +279,7 @@ def main(argv=None) -> list[dict]:
 
   records = []
   for name, variant, dtype in runs:
-    image_size = args.image_size or (
-      224 if models.MODELS[name].get('imagenet_stem') else 32
-    )
+    image_size = image_size_of(name, args.image_size)
     records.append(
       measure_train_step(
         name,
