@@ -42,8 +42,9 @@ def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
     match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ', line)
     if match:
       op_name = re.search(r'op_name="([^"]*)"', line)
+      shape = match.group(2)
       found[match.group(1)] = (
-        match.group(2).rstrip(','),
+        'tuple' if shape.startswith('(') else shape,
         op_name.group(1) if op_name else '',
       )
   return found
@@ -59,7 +60,7 @@ def op_events(profile: jax.profiler.ProfileData) -> list[tuple[str, int]]:
         events += [
           (event.name, event.duration_ns)
           for event in line.events
-          if not event.name.startswith('ThunkExecutor')
+          if '::' not in event.name  # Runtime scopes, e.g. thread pools.
         ]
   return events
 
