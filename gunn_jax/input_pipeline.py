@@ -1,19 +1,6 @@
 """Per-process input pipelines: TFDS CIFAR/ImageNet, image folders, digits.
 
-`config.dataset` is one of
-  * `cifar10`, `cifar100`, `imagenet2012`: TFDS datasets prepared in
-    `config.data_dir` (TFDS's default when unset); nothing is downloaded.
-  * `folder:ROOT`: `ROOT/train/<class>/*` and `ROOT/val/<class>/*` (JPEG or
-    PNG, any size); classes sorted by name are the label ids.
-    `config.folder_preprocessing` picks ImageNet-style or CIFAR-style
-    preprocessing; CIFAR-style folders are resized to `image_size` and
-    normalised with the ImageNet statistics on the 0..255 scale.
-  * `digits`: scikit-learn's 1,797 handwritten 8x8 digits (0..16 scaled to
-    0..255), resized to `image_size` (default 16) RGB. Fixed split: in file
-    order, the k-th image of each class (k = 0, 1, ...) is a test image iff
-    k % 5 == 4, giving 1,442 training and 355 test images. CIFAR-style
-    preprocessing with the training split's mean/std and padding
-    image_size // 8.
+`config.dataset` names the data (see `datasets.py`).
 
 Training order (CIFAR, digits, folders): the stream of example indices is the
 concatenation of per-epoch permutations seeded by (seed, epoch); global step s
@@ -36,11 +23,9 @@ Evaluation: process p takes a contiguous part of the (first
 number of batches, padded with `mask` 0, so each example counts once.
 """
 
-import dataclasses
 import functools
 import itertools
 import math
-import os
 from typing import Iterable, Iterator
 
 import jax
@@ -49,91 +34,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from gunn_jax import errors, preprocessing
+from gunn_jax import datasets, errors, preprocessing
 
-# TensorFlow only feeds the host; JAX owns the accelerators.
-tf.config.set_visible_devices([], 'GPU')
-
-_TFDS_SPLITS = {
-  'cifar10': ('train', 'test'),
-  'cifar100': ('train', 'test'),
-  'imagenet2012': ('train', 'validation'),
-}
-_FOLDER_PREFIX = 'folder:'
-_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-_DEFAULT_SIZE = {'cifar': 32, 'imagenet': 224, 'digits': 16}
-_DIGITS_TEST_EVERY = 5
 _AUTOTUNE = tf.data.AUTOTUNE
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the model and the training loop need to know about a dataset.
-
-  Attributes:
-    num_classes: number of labels.
-    num_train_examples: size of the whole training split (all processes).
-    num_eval_examples: examples evaluated (whole split or max_eval_examples).
-    image_shape: (H, W, C) of the model inputs.
-    class_names: label names, indexed by label id.
-  """
-
-  num_classes: int
-  num_train_examples: int
-  num_eval_examples: int
-  image_shape: tuple[int, int, int]
-  class_names: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Split:
-  """Examples addressable by index: uint8 images [N, H, W, 3] or paths [N]."""
-
-  data: np.ndarray
-  labels: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-  """The resolved `config.dataset`: kind, style, input size and statistics."""
-
-  kind: str  # 'tfds', 'folder' or 'digits'.
-  name: str  # TFDS name, folder root or 'digits'.
-  style: str  # 'cifar' or 'imagenet'.
-  image_size: int
-
-  @property
-  def pad(self) -> int:
-    return self.image_size // 8
-
-
-def _resolve(config) -> _Spec:
-  """Validates the dataset keys of `config`."""
-  dataset = config.dataset
-  if dataset in _TFDS_SPLITS:
-    kind, name = 'tfds', dataset
-    style = 'imagenet' if dataset == 'imagenet2012' else 'cifar'
-  elif dataset == 'digits':
-    kind, name, style = 'digits', dataset, 'cifar'
-  elif dataset.startswith(_FOLDER_PREFIX):
-    kind, name = 'folder', dataset[len(_FOLDER_PREFIX) :]
-    style = config.folder_preprocessing
-    if style not in ('imagenet', 'cifar'):
-      raise errors.UserError(
-        f'folder_preprocessing must be "imagenet" or "cifar", got {style!r}.'
-      )
-  else:
-    raise errors.UserError(
-      f'Unknown dataset {dataset!r}; use cifar10, cifar100, imagenet2012, '
-      'digits or folder:/path/to/root.'
-    )
-  if config.ten_crop and style != 'imagenet':
-    raise errors.UserError(
-      f'ten_crop applies to ImageNet-style data only, not {dataset!r}; set '
-      'ten_crop=False.'
-    )
-  default = _DEFAULT_SIZE['digits' if kind == 'digits' else style]
-  return _Spec(kind, name, style, config.image_size or default)
 
 
 def _processes(process_index, process_count) -> tuple[int, int]:
@@ -154,102 +57,7 @@ def _host_batch_size(config, key: str, process_count: int) -> int:
   return size // process_count
 
 
-def _tfds_builder(spec: _Spec, config):
-  """Returns the prepared TFDS builder or raises a one-line UserError."""
-  builder = tfds.builder(spec.name, data_dir=config.data_dir)
-  if not builder.is_prepared():
-    root = os.path.dirname(os.path.dirname(builder.data_dir))
-    raise errors.UserError(
-      f'TFDS dataset {spec.name} is not prepared in {root}; on a machine '
-      f'with internet run `tfds build {spec.name} --data_dir=DIR` (ImageNet '
-      'needs its manual download) and set config.data_dir=DIR.'
-    )
-  return builder
-
-
-def _split_size(builder, split: str) -> int:
-  """The one place split sizes are read from TFDS metadata."""
-  return builder.info.splits[split].num_examples
-
-
-def _scan_folder(root: str, split: str, classes=None):
-  """Lists `root/split/<class>/*` images; returns (paths, labels, classes)."""
-  directory = os.path.join(root, split)
-  how = f'expected {root}/{{train,val}}/<class>/<image>.jpg|.png'
-  if not os.path.isdir(directory):
-    raise errors.UserError(f'Image folder {directory} is missing; {how}.')
-  found = sorted(e.name for e in os.scandir(directory) if e.is_dir())
-  if not found:
-    raise errors.UserError(f'No class folders in {directory}; {how}.')
-  classes = classes or found
-  unknown = sorted(set(found) - set(classes))
-  if unknown:
-    raise errors.UserError(
-      f'Classes {unknown} in {directory} are not in the training classes; '
-      f'{how}.'
-    )
-  paths, labels = [], []
-  for name in found:
-    class_dir = os.path.join(directory, name)
-    files = sorted(
-      e.path
-      for e in os.scandir(class_dir)
-      if e.is_file() and e.name.lower().endswith(_IMAGE_EXTENSIONS)
-    )
-    if not files:
-      raise errors.UserError(f'No JPEG or PNG images in {class_dir}; {how}.')
-    paths += files
-    labels += [classes.index(name)] * len(files)
-  return np.array(paths), np.array(labels, np.int32), tuple(classes)
-
-
-@functools.lru_cache(maxsize=4)
-def _digits(image_size: int) -> tuple[_Split, _Split, tuple, tuple]:
-  """Digits train/test splits and the training split's mean/std."""
-  from sklearn import datasets  # Imported lazily: only digits needs it.
-
-  digits = datasets.load_digits()
-  images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
-  images = preprocessing.resize_square_uint8(images, image_size).numpy()
-  labels = digits.target.astype(np.int32)
-  rank = np.zeros_like(labels)
-  for label in np.unique(labels):
-    where = np.flatnonzero(labels == label)
-    rank[where] = np.arange(len(where))
-  test = rank % _DIGITS_TEST_EVERY == _DIGITS_TEST_EVERY - 1
-  train_images = images[~test].astype(np.float64)
-  mean = tuple(train_images.mean(axis=(0, 1, 2)).tolist())
-  std = tuple(train_images.std(axis=(0, 1, 2)).tolist())
-  return (
-    _Split(images[~test], labels[~test]),
-    _Split(images[test], labels[test]),
-    mean,
-    std,
-  )
-
-
-def _cifar_stats(spec: _Spec) -> tuple[tuple, tuple]:
-  if spec.kind == 'digits':
-    return _digits(spec.image_size)[2:]
-  if spec.kind == 'tfds':
-    return preprocessing.CIFAR_STATS[spec.name]
-  scale = lambda values: tuple(255 * v for v in values)
-  return scale(preprocessing.IMAGENET_MEAN), scale(preprocessing.IMAGENET_STD)
-
-
-def _decode(spec: _Spec, data) -> tf.Tensor:
-  """Maps a split's element (uint8 image or file path) to a uint8 image."""
-  if data.dtype != tf.string:
-    return data
-  image = tf.io.decode_image(
-    tf.io.read_file(data), channels=3, expand_animations=False
-  )
-  if spec.style == 'cifar':
-    image = preprocessing.resize_square_uint8(image, spec.image_size)
-  return image
-
-
-def _imagenet_eval_fn(spec: _Spec, config):
+def _imagenet_eval_fn(spec: datasets.Spec, config):
   return functools.partial(
     preprocessing.imagenet_eval, size=spec.image_size, ten_crop=config.ten_crop
   )
@@ -262,7 +70,7 @@ def _outputs(example, images) -> dict:
   return out
 
 
-def _map_fns(spec: _Spec, config, split: _Split, train: bool):
+def _map_fns(spec: datasets.Spec, config, split: datasets.Split, train: bool):
   """Per-example and per-batch tf.data functions (either may be None).
 
   Examples are dicts of 'data' (uint8 image or file path), 'label' and either
@@ -274,7 +82,7 @@ def _map_fns(spec: _Spec, config, split: _Split, train: bool):
     eval_fn = _imagenet_eval_fn(spec, config)
 
     def per_example(example):
-      image = _decode(spec, example['data'])
+      image = datasets.decode(spec, example['data'])
       if not train:
         return _outputs(example, eval_fn(image))
       slot, step = example['slot'], example['step']
@@ -284,7 +92,7 @@ def _map_fns(spec: _Spec, config, split: _Split, train: bool):
 
     return per_example, None
 
-  mean, std = _cifar_stats(spec)
+  mean, std = datasets.cifar_stats(spec)
 
   def per_batch(batch):
     if not train:
@@ -301,75 +109,11 @@ def _map_fns(spec: _Spec, config, split: _Split, train: bool):
     )
     return _outputs(batch, images)
 
-  decode = lambda example: {**example, 'data': _decode(spec, example['data'])}
+  decode = lambda example: {
+    **example,
+    'data': datasets.decode(spec, example['data']),
+  }
   return (decode if split.data.dtype.kind == 'U' else None), per_batch
-
-
-def _load_tfds_split(spec: _Spec, config, split: str) -> _Split:
-  builder = _tfds_builder(spec, config)
-  data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-  images = data['image']
-  if images.shape[1:3] != (spec.image_size,) * 2:
-    images = preprocessing.resize_square_uint8(images, spec.image_size).numpy()
-  return _Split(images, data['label'].astype(np.int32))
-
-
-def _load_split(spec: _Spec, config, train: bool) -> _Split:
-  """Loads an index-addressable split (all datasets but imagenet2012)."""
-  if spec.kind == 'digits':
-    return _digits(spec.image_size)[0 if train else 1]
-  if spec.kind == 'tfds':
-    return _load_tfds_split(spec, config, _TFDS_SPLITS[spec.name][not train])
-  classes = None if train else _scan_folder(spec.name, 'train')[2]
-  paths, labels, _ = _scan_folder(
-    spec.name, 'train' if train else 'val', classes
-  )
-  if spec.style == 'imagenet' or not config.cache:
-    return _Split(paths, labels)
-  images = tf.data.Dataset.from_tensor_slices(paths)
-  images = images.map(
-    functools.partial(_decode, spec), num_parallel_calls=_AUTOTUNE
-  )
-  images = np.concatenate(list(images.batch(1024).as_numpy_iterator()))
-  return _Split(images, labels)
-
-
-def get_dataset_info(config) -> DatasetInfo:
-  """Returns sizes, classes and input shape of `config.dataset`.
-
-  Args:
-    config: the experiment config.
-
-  Returns:
-    The dataset's `DatasetInfo`.
-
-  Raises:
-    errors.UserError: unknown dataset, missing TFDS data or bad folder.
-  """
-  spec = _resolve(config)
-  if spec.kind == 'tfds':
-    builder = _tfds_builder(spec, config)
-    train_split, eval_split = _TFDS_SPLITS[spec.name]
-    num_train = _split_size(builder, train_split)
-    num_eval = _split_size(builder, eval_split)
-    class_names = tuple(builder.info.features['label'].names)
-  elif spec.kind == 'digits':
-    train, test = _digits(spec.image_size)[:2]
-    num_train, num_eval = len(train.labels), len(test.labels)
-    class_names = tuple(str(i) for i in range(10))
-  else:
-    num_train, _, class_names = _scan_folder(spec.name, 'train')
-    num_train = len(num_train)
-    num_eval = len(_scan_folder(spec.name, 'val', class_names)[0])
-  if config.max_eval_examples > 0:
-    num_eval = min(num_eval, config.max_eval_examples)
-  return DatasetInfo(
-    num_classes=len(class_names),
-    num_train_examples=num_train,
-    num_eval_examples=num_eval,
-    image_shape=(spec.image_size, spec.image_size, 3),
-    class_names=class_names,
-  )
 
 
 @functools.lru_cache(maxsize=4)
@@ -440,7 +184,7 @@ def _from_host_batches(batches, first: dict, fns, batch_size: int):
 
 def _in_memory_train(spec, config, start_step, index, count, batch_size):
   del count  # The order does not depend on it.
-  split = _load_split(spec, config, train=True)
+  split = datasets.load_split(spec, config, train=True)
   n = len(split.labels)
   slots = index * batch_size + np.arange(batch_size)
 
@@ -466,11 +210,11 @@ def _epoch_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def _imagenet_train(spec, config, start_step, index, count, batch_size):
-  builder = _tfds_builder(spec, config)
+  builder = datasets.tfds_builder(spec, config)
   split = tfds.split_for_jax_process(
     'train', process_index=index, process_count=count
   )
-  steps_per_epoch = _split_size(builder, split) // batch_size
+  steps_per_epoch = datasets.split_size(builder, split) // batch_size
   if steps_per_epoch == 0:
     raise errors.UserError(
       f'Per-process batch {batch_size} exceeds the examples per process.'
@@ -535,7 +279,7 @@ def create_train_iterator(
   """
   index, count = _processes(process_index, process_count)
   batch_size = _host_batch_size(config, 'batch_size', count)
-  spec = _resolve(config)
+  spec = datasets.resolve(config)
   logging.info(
     'Training input %s, process %d/%d, batch %d, from step %d.',
     config.dataset,
@@ -564,7 +308,7 @@ class _EvalIterable:
     return self._num_batches
 
 
-def _padding(spec: _Spec, config) -> dict:
+def _padding(spec: datasets.Spec, config) -> dict:
   shape = (spec.image_size, spec.image_size, 3)
   if config.ten_crop:
     shape = (10, *shape)
@@ -577,13 +321,13 @@ def _padding(spec: _Spec, config) -> dict:
 
 def _imagenet_eval(spec, config, info, index, count) -> tf.data.Dataset:
   """This process's contiguous part of the ImageNet validation examples."""
-  split = _TFDS_SPLITS[spec.name][1]
+  split = datasets.TFDS_SPLITS[spec.name][1]
   if config.max_eval_examples > 0:
     split = f'{split}[:{info.num_eval_examples}]'
   split = tfds.split_for_jax_process(
     split, process_index=index, process_count=count
   )
-  ds = _tfds_builder(spec, config).as_dataset(
+  ds = datasets.tfds_builder(spec, config).as_dataset(
     split=split, decoders={'image': tfds.decode.SkipDecoding()}
   )
   eval_fn = _imagenet_eval_fn(spec, config)
@@ -622,8 +366,8 @@ def create_eval_iterable(
   """
   index, count = _processes(process_index, process_count)
   batch_size = _host_batch_size(config, 'eval_batch_size', count)
-  spec = _resolve(config)
-  info = get_dataset_info(config)
+  spec = datasets.resolve(config)
+  info = datasets.get_dataset_info(config)
   num_batches = math.ceil(
     math.ceil(info.num_eval_examples / count) / batch_size
   )
@@ -635,7 +379,7 @@ def create_eval_iterable(
     )
     ds = ds.take(total).batch(batch_size).prefetch(_AUTOTUNE)
     return _EvalIterable(ds, num_batches)
-  split = _load_split(spec, config, train=False)
+  split = datasets.load_split(spec, config, train=False)
   host = np.array_split(np.arange(info.num_eval_examples), count)[index]
   indices = np.concatenate([host, np.zeros(total - len(host), np.int64)])
   mask = (np.arange(total) < len(host)).astype(np.float32)
@@ -667,12 +411,12 @@ def preprocess_for_eval(images: np.ndarray, config) -> np.ndarray:
   Returns:
     float32 [N, H, W, 3] model inputs ([N, 10, H, W, 3] with ten_crop).
   """
-  spec = _resolve(config)
+  spec = datasets.resolve(config)
   images = tf.convert_to_tensor(images, tf.uint8)
   if spec.style == 'cifar':
     if images.shape[1:] != (spec.image_size, spec.image_size, 3):
       images = preprocessing.resize_square_uint8(images, spec.image_size)
-    return preprocessing.normalize(images, *_cifar_stats(spec)).numpy()
+    return preprocessing.normalize(images, *datasets.cifar_stats(spec)).numpy()
   if images.shape[-1] == 1:
     images = tf.repeat(images, 3, axis=-1)
   eval_fn = _imagenet_eval_fn(spec, config)

@@ -31,6 +31,7 @@ from flax.training import train_state
 
 from gunn_jax import (
   checkpointing,
+  datasets,
   input_pipeline,
   metric_io,
   models,
@@ -232,7 +233,7 @@ class Experiment(NamedTuple):
     eval_step: `eval_step` jitted on `mesh`.
   """
 
-  info: input_pipeline.DatasetInfo
+  info: datasets.DatasetInfo
   mesh: jax.sharding.Mesh
   num_train_steps: int
   learning_rate_fn: optax.Schedule
@@ -256,7 +257,7 @@ def create_experiment(config: ml_collections.ConfigDict) -> Experiment:
       size that the devices do not divide.
   """
   validate_config(config)
-  info = input_pipeline.get_dataset_info(config)
+  info = datasets.get_dataset_info(config)
   model = create_model(config, info.num_classes)
   num_steps = optimization.total_train_steps(config, info.num_train_examples)
   if config.lr_schedule == 'snapshot' and config.snapshot_cycles > num_steps:

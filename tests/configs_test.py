@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from gunn_jax import input_pipeline, optimization, train
+from gunn_jax import datasets, input_pipeline, optimization, train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,7 +103,7 @@ def test_paper_config_builds_its_input_pipeline(
   with config.unlocked():
     config.data_dir = str(tmp_path)
   with mock_tfds(config.dataset, sizes):
-    info = input_pipeline.get_dataset_info(config)
+    info = datasets.get_dataset_info(config)
     assert info.num_train_examples == 24
     assert info.num_eval_examples == min(20, config.max_eval_examples)
     batch = next(input_pipeline.create_train_iterator(config))
@@ -117,6 +117,6 @@ def test_paper_config_builds_its_input_pipeline(
 def test_small_configs_validate(spec):
   config = load(spec)
   train.validate_config(config)
-  info = input_pipeline.get_dataset_info(config)
+  info = datasets.get_dataset_info(config)
   assert info.num_train_examples > 0
   train.create_model(config, info.num_classes)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
-from sklearn import datasets
+from sklearn import datasets as sklearn_datasets
 
 from configs import base
-from gunn_jax import errors, input_pipeline, preprocessing
+from gunn_jax import datasets, errors, input_pipeline, preprocessing
 
 
 def _config(**overrides):
@@ -28,7 +28,7 @@ def _take(iterator, num):
 
 def _digits_split():
   """The documented split, recomputed: every 5th image of a class is test."""
-  digits = datasets.load_digits()
+  digits = sklearn_datasets.load_digits()
   rank = np.zeros(len(digits.target), int)
   for label in range(10):
     where = np.flatnonzero(digits.target == label)
@@ -39,13 +39,13 @@ def _digits_split():
 
 
 def test_digits_info():
-  info = input_pipeline.get_dataset_info(_config())
+  info = datasets.get_dataset_info(_config())
   _, _, test = _digits_split()
   assert (info.num_train_examples, info.num_eval_examples) == (1442, 355)
   assert info.num_eval_examples == test.sum()
   assert info.image_shape == (16, 16, 3)
   assert info.class_names == tuple('0123456789')
-  info = input_pipeline.get_dataset_info(_config(max_eval_examples=50))
+  info = datasets.get_dataset_info(_config(max_eval_examples=50))
   assert info.num_eval_examples == 50
 
 
@@ -172,7 +172,7 @@ def test_folder_info_and_cifar_style_batches(tmp_path):
     batch_size=4,
     eval_batch_size=3,
   )
-  info = input_pipeline.get_dataset_info(config)
+  info = datasets.get_dataset_info(config)
   assert info.class_names == ('cat', 'dog')
   assert (info.num_train_examples, info.num_eval_examples) == (6, 4)
   batch = next(input_pipeline.create_train_iterator(config))
@@ -201,7 +201,7 @@ def test_folder_imagenet_style_batches(tmp_path):
     eval_batch_size=3,
     ten_crop=True,
   )
-  assert input_pipeline.get_dataset_info(config).image_shape == (16, 16, 3)
+  assert datasets.get_dataset_info(config).image_shape == (16, 16, 3)
   batch = next(input_pipeline.create_train_iterator(config, start_step=2))
   assert batch['images'].shape == (2, 16, 16, 3)
   batches = list(input_pipeline.create_eval_iterable(config))
@@ -225,7 +225,7 @@ def test_malformed_folders_are_user_errors(tmp_path, layout, message):
       Image.new('RGB', (4, 4)).save(tmp_path / path)
   config = _config(dataset=f'folder:{tmp_path}')
   with pytest.raises(errors.UserError, match=message) as error:
-    input_pipeline.get_dataset_info(config)
+    datasets.get_dataset_info(config)
   assert str(tmp_path) in str(error.value)
   assert '\n' not in str(error.value)
 
@@ -240,7 +240,7 @@ def test_malformed_folders_are_user_errors(tmp_path, layout, message):
 )
 def test_bad_config_is_a_user_error(overrides, message):
   with pytest.raises(errors.UserError, match=message):
-    input_pipeline.get_dataset_info(_config(**overrides))
+    datasets.get_dataset_info(_config(**overrides))
 
 
 def test_indivisible_batch_sizes_are_user_errors():
@@ -258,7 +258,7 @@ def test_indivisible_batch_sizes_are_user_errors():
 def test_missing_tfds_dataset_is_a_user_error(tmp_path, name):
   config = _config(dataset=name, data_dir=str(tmp_path))
   with pytest.raises(errors.UserError, match='not prepared') as error:
-    input_pipeline.get_dataset_info(config)
+    datasets.get_dataset_info(config)
   assert str(tmp_path) in str(error.value)
   with pytest.raises(errors.UserError, match=str(tmp_path)):
     input_pipeline.create_train_iterator(config)
@@ -288,7 +288,7 @@ def _mock_tfds(data_dir, name, sizes):
 def test_mocked_cifar(tmp_path, name):
   config = _config(dataset=name, data_dir=str(tmp_path), eval_batch_size=6)
   with _mock_tfds(tmp_path, name, {'train': 16, 'test': 16}):
-    info = input_pipeline.get_dataset_info(config)
+    info = datasets.get_dataset_info(config)
     assert info.num_classes == int(name[5:])
     assert (info.num_train_examples, info.num_eval_examples) == (16, 16)
     batch = next(input_pipeline.create_train_iterator(config))
@@ -315,7 +315,7 @@ def test_mocked_imagenet(tmp_path):
     shuffle_buffer_size=8,
   )
   with _mock_tfds(tmp_path, 'imagenet2012', {'train': 12, 'validation': 12}):
-    info = input_pipeline.get_dataset_info(config)
+    info = datasets.get_dataset_info(config)
     assert info.num_classes == 1000 and info.image_shape == (24, 24, 3)
     iterator = input_pipeline.create_train_iterator(
       config, process_index=1, process_count=2

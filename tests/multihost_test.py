@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from gunn_jax import checkpointing, input_pipeline, metric_io
+from gunn_jax import checkpointing, datasets, metric_io
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +153,7 @@ def test_one_checkpoint_per_saved_step(runs):
 def test_eval_counts_the_whole_test_split_once(runs):
   config = quickstart.get_config()
   config.update(OVERRIDES)
-  num_eval = input_pipeline.get_dataset_info(config).num_eval_examples
+  num_eval = datasets.get_dataset_info(config).num_eval_examples
   assert num_eval == 355
   evals = metric_io.read_metrics(runs['multi'], 'eval')
   assert [r['step'] for r in evals] == [3, 6]

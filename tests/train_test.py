@@ -18,7 +18,7 @@ import pytest
 from configs import base, cifar10, imagenet, tiny
 from gunn_jax import (
   checkpointing,
-  input_pipeline,
+  datasets,
   metric_io,
   optimization,
   sharding,
@@ -241,7 +241,7 @@ def test_training_writes_metrics_and_checkpoints(trained):
     assert r['learning_rate'] == pytest.approx(0.05)
   evals = [r for r in records if r['split'] == 'eval']
   assert [r['step'] for r in evals] == [3, 4, 6]
-  num_eval = input_pipeline.get_dataset_info(tiny_config()).num_eval_examples
+  num_eval = datasets.get_dataset_info(tiny_config()).num_eval_examples
   for r in evals:
     assert set(r) == {
       'step',
