@@ -22,6 +22,7 @@ import collections
 import glob
 import os
 import re
+import sys
 import tempfile
 import time
 
@@ -177,10 +178,18 @@ def main(argv=None) -> dict:
   if not events:
     parser.exit(1, 'profile: the trace has no XLA operation events.\n')
   summary = summarise(events, hlo_instructions(compiled.as_text()))
+  recorded_ms = sum(summary['parts'].values())
+  if recorded_ms < step_ms / 2:
+    print(
+      f'profile: warning: the trace holds {recorded_ms:.0f} ms of operations '
+      f'for a {step_ms:.0f} ms step, so the tables are incomplete; run the '
+      'profile in a fresh process.',
+      file=sys.stderr,
+    )
   print(
     f'{name} {args.variant} {args.dtype}, batch {args.batch_size}, '
     f'{image_size}x{image_size}: step {step_ms:.0f} ms, operations '
-    f'{sum(summary["parts"].values()):.0f} ms\n'
+    f'{recorded_ms:.0f} ms\n'
   )
   print(markdown(summary, args.top))
   return {'step_ms': step_ms, **summary}
