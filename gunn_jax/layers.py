@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gunn_jax import normalization
+
 Dtype = Any
 ModuleDef = Any
 
@@ -138,13 +140,14 @@ class ConvSame(nn.Module):
     return conv_same(images.astype(self.dtype), kernel.astype(self.dtype))
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype: Dtype, name: str) -> normalization.BatchNorm:
   """BatchNorm with Torch's settings (FACTS.md section 4).
 
-  Torch's running-average momentum 0.1 is flax's decay 0.9. No `axis_name`:
-  under jit with a batch-sharded input the statistics are already global.
+  Torch's running-average momentum 0.1 is flax's decay 0.9. Statistics are
+  summed in a fixed order (`normalization.BatchNorm`), so they are the same
+  bits however the batch is sharded.
   """
-  return nn.BatchNorm(
+  return normalization.BatchNorm(
     use_running_average=not train,
     momentum=0.9,
     epsilon=1e-5,

@@ -1,0 +1,125 @@
+"""Tests of the fixed-order BatchNorm (gunn_jax/normalization.py)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gunn_jax import normalization
+
+
+def neighbours_first(rows):
+  """The documented order, written out: 0+1, 2+3, ..., then the pairs."""
+  rows = list(rows)
+  while len(rows) > 1:
+    paired = [rows[i] + rows[i + 1] for i in range(0, len(rows) - 1, 2)]
+    rows = paired + rows[len(rows) - len(rows) % 2 :]
+  return rows[0]
+
+
+def wide_range(shape, seed=0):
+  """float32 values over 12 orders of magnitude: every order sums apart."""
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=shape) * 10.0 ** rng.integers(-6, 6, shape)).astype(
+    np.float32
+  )
+
+
+@pytest.mark.parametrize('count', [1, 2, 3, 5, 8, 13, 64])
+def test_pairwise_sum_adds_neighbours_first(count):
+  values = wide_range((count, 7))
+  np.testing.assert_array_equal(
+    normalization.pairwise_sum(jnp.asarray(values), axis=0),
+    neighbours_first(values),
+  )
+  np.testing.assert_array_equal(
+    normalization.pairwise_sum(jnp.asarray(values.T), axis=1),
+    neighbours_first(values),
+  )
+
+
+@pytest.mark.parametrize(
+  'shape', [(32, 2, 2, 16), (32, 4, 4, 16), (32, 8, 8, 48), (32, 7, 7, 3)]
+)
+def test_an_examples_sums_do_not_depend_on_the_batch(shape):
+  """XLA:CPU's plain reductions fail this for (32, 2, 2, 16) and others."""
+  x = jnp.asarray(wide_range(shape))
+  sums = jax.jit(normalization._sums_over_positions)
+  whole = sums(x)
+  for part in (1, 8):
+    pieces = [sums(x[i : i + part]) for i in range(0, shape[0], part)]
+    np.testing.assert_array_equal(whole, jnp.concatenate(pieces))
+
+
+def test_batch_moments_and_their_gradient():
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 3, 5, 4)))
+    mean, var = normalization.batch_moments(x)
+    np.testing.assert_allclose(mean, np.mean(x, (0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(var, np.var(x, (0, 1, 2)), rtol=1e-12)
+    weights = jnp.arange(4.0)
+
+    def loss(x):
+      return jnp.sum(weights * jnp.sqrt(normalization.batch_moments(x)[1]))
+
+    def reference(x):
+      return jnp.sum(weights * jnp.std(x, (0, 1, 2)))
+
+    np.testing.assert_allclose(
+      jax.grad(loss)(x), jax.grad(reference)(x), rtol=1e-10, atol=1e-14
+    )
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_batch_norm_equals_flax_batch_norm(train):
+  """Same variables, outputs, running averages and gradients (float64)."""
+  kwargs = dict(
+    use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=None
+  )
+  ours = normalization.BatchNorm(**{**kwargs, 'dtype': jnp.float64})
+  flax_bn = nn.BatchNorm(**kwargs, param_dtype=jnp.float64)
+  with jax.enable_x64(True):
+    x = jnp.asarray(2 + np.random.default_rng(2).normal(size=(8, 3, 3, 5)))
+    variables = flax_bn.init(jax.random.key(0), x)
+    ours_init = ours.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours_init) == jax.tree.map(
+      jnp.shape, variables
+    )
+    variables = jax.tree.map(
+      lambda v: v + np.random.default_rng(3).uniform(size=v.shape), variables
+    )
+
+    def apply(module, params, x):
+      y, updates = module.apply(
+        {**variables, 'params': params}, x, mutable=['batch_stats']
+      )
+      return jnp.sum(jnp.sin(y)), (y, updates)
+
+    results = [
+      jax.grad(apply, argnums=(1, 2), has_aux=True)(
+        module, variables['params'], x
+      )
+      for module in (ours, flax_bn)
+    ]
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
+      *results,
+    )
+
+
+def test_half_precision_output_and_float32_statistics():
+  bn = normalization.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(4, 2, 2, 3)))
+  variables = bn.init(jax.random.key(0), x.astype(jnp.bfloat16))
+  y, updates = bn.apply(
+    variables, x.astype(jnp.bfloat16), mutable=['batch_stats']
+  )
+  assert y.dtype == jnp.bfloat16
+  assert updates['batch_stats']['mean'].dtype == jnp.float32
+  np.testing.assert_allclose(
+    updates['batch_stats']['mean'],
+    0.1 * np.mean(np.asarray(x.astype(jnp.bfloat16), np.float32), (0, 1, 2)),
+    rtol=1e-5,
+    atol=1e-7,
+  )
