@@ -7,7 +7,7 @@ statistics - global, on one host or many, without `axis_name`s.
 """
 
 import collections
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -16,11 +16,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = 'data'
 
 
-def create_mesh() -> Mesh:
-  """Returns a one-axis ('data') mesh over all devices of all processes."""
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Returns a one-axis ('data') mesh over `devices` (default: all devices
+  of all processes)."""
+  devices = jax.devices() if devices is None else devices
   # Auto axes: the jitted steps are sharded by their in/out shardings only.
   return jax.make_mesh(
-    (jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,)
+    (len(devices),),
+    (DATA_AXIS,),
+    axis_types=(AxisType.Auto,),
+    devices=devices,
   )
 
 

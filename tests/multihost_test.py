@@ -160,6 +160,65 @@ def test_eval_counts_the_whole_test_split_once(runs):
   assert all(r['num_examples'] == num_eval for r in evals)
 
 
+@pytest.fixture(scope='module')
+def gradients(tmp_path_factory):
+  """`multihost_gradients.py` as 2 processes x 2 devices and as one process
+  with 4 devices (meshes of 1 and 4), XLA optimisations on; returns
+  load(case, run) for runs '2x2', '1x1' and '1x4'."""
+  root = tmp_path_factory.mktemp('gradients')
+  (root / 'multi').mkdir()
+  (root / 'alone').mkdir()
+  program = 'tests/multihost_gradients.py'
+  optimised = dict(JAX_DISABLE_MOST_OPTIMIZATIONS='0')
+  multi = run(
+    [
+      '-m',
+      'gunn_jax.launch',
+      '--num_processes=2',
+      '--devices_per_process=2',
+      '--',
+      program,
+      str(root / 'multi'),
+    ],
+    **optimised,
+  )
+  assert multi[0] == 0, multi[1][-3000:]
+  alone = run(
+    [program, str(root / 'alone'), '1', '4'],
+    XLA_FLAGS='--xla_force_host_platform_device_count=4',
+    **optimised,
+  )
+  assert alone[0] == 0, alone[1][-3000:]
+  paths = {
+    '2x2': root / 'multi' / '{}_4.npz',
+    '1x1': root / 'alone' / '{}_1.npz',
+    '1x4': root / 'alone' / '{}_4.npz',
+  }
+  return lambda case, name: load_params(str(paths[name]).format(case))
+
+
+@pytest.mark.parametrize('case', ['gunn_mini', 'sunn_mini', 'gunn_mini_nores'])
+@pytest.mark.parametrize('runs_compared', [('2x2', '1x1'), ('2x2', '1x4')])
+def test_processes_compute_the_gradients_of_one_process(
+  gradients, case, runs_compared
+):
+  """The first step's gradients agree to float32 reduction-order noise.
+
+  Per leaf, |difference| <= 1e-4 of the leaf's scale (at least 1% of the
+  largest leaf's, for leaves that are zero up to noise). BatchNorm's batch
+  statistics, and with them every ReLU's decision, are the same bits.
+  """
+  ours, theirs = (gradients(case, name) for name in runs_compared)
+  assert ours.keys() == theirs.keys()
+  grads = [key for key in theirs if key.startswith('grads')]
+  largest = max(np.abs(theirs[key]).max() for key in grads)
+  for key in grads:
+    scale = max(np.abs(theirs[key]).max(), 1e-2 * largest)
+    assert np.abs(ours[key] - theirs[key]).max() <= 1e-4 * scale, key
+  for key in theirs.keys() - set(grads):
+    np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
 def test_failure_of_one_process_ends_the_run(tmp_path):
   status, output, seconds = launch(
     tmp_path / 'run', GUNN_TEST_BAD_DATA_PROCESS='1'

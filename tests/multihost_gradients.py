@@ -1,0 +1,96 @@
+"""Test-only program: one training step's gradients on a data mesh.
+
+  python tests/multihost_gradients.py OUT_DIR [MESH_SIZE ...]
+
+For every network of `CASES` it runs `train.train_step` once (the real loss,
+BatchNorm in training mode, XLA optimisations as the environment sets them)
+on one global batch of 32 random 16x16 images, with an optimiser that only
+records the gradients, once per mesh over the first MESH_SIZE devices
+(default: all devices of all processes). Process 0 writes
+`OUT_DIR/<case>_<MESH_SIZE>.npz`: the gradients (`grads...`) and the
+updated BatchNorm running averages (`batch_stats...`), by leaf path.
+
+`tests/multihost_test.py` runs it as 2 processes x 2 devices and as one
+process with 4 devices (meshes of 1 and 4), and compares the files.
+"""
+
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gunn_jax import distributed, models, sharding, train
+
+CASES = {
+  'gunn_mini': ('gunn_mini', {}),
+  'sunn_mini': ('sunn_mini', {}),
+  'gunn_mini_nores': ('gunn_mini', {'residual': False}),
+}
+BATCH_SIZE, IMAGE_SHAPE, NUM_CLASSES = 32, (16, 16, 3), 10
+
+
+def record_gradients() -> optax.GradientTransformation:
+  """An optimiser whose state is the last gradients and whose update is 0."""
+  return optax.GradientTransformation(
+    init=lambda params: jax.tree.map(jnp.zeros_like, params),
+    update=lambda grads, state, params=None: (
+      jax.tree.map(jnp.zeros_like, grads),
+      grads,
+    ),
+  )
+
+
+def first_step(model, mesh, images, labels) -> dict[str, np.ndarray]:
+  """Gradients and running averages after one step, by leaf path."""
+  replicated = sharding.replicated(mesh)
+  batch_sharded = sharding.batch_sharded(mesh)
+  state = jax.jit(
+    functools.partial(
+      train.create_train_state, model, record_gradients(), IMAGE_SHAPE
+    ),
+    out_shardings=replicated,
+  )(jax.random.key(0))
+  batch = {
+    key: jax.make_array_from_callback(
+      value.shape, batch_sharded, lambda index, value=value: value[index]
+    )
+    for key, value in (('images', images), ('labels', labels))
+  }
+  state, _ = jax.jit(
+    train.train_step,
+    in_shardings=(replicated, batch_sharded),
+    out_shardings=(replicated, replicated),
+  )(state, batch)
+  leaves = {}
+  for prefix, tree in (
+    ('grads', state.opt_state),
+    ('batch_stats', state.batch_stats),
+  ):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      leaves[prefix + jax.tree_util.keystr(path)] = np.asarray(
+        leaf.addressable_data(0)
+      )
+  return leaves
+
+
+def main(out_dir: str, mesh_sizes: list[int]) -> None:
+  if 'JAX_PROCESS_ID' in os.environ:
+    distributed.initialize()
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(BATCH_SIZE, *IMAGE_SHAPE)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, BATCH_SIZE).astype(np.int32)
+  for size in mesh_sizes or [jax.device_count()]:
+    mesh = sharding.create_mesh(jax.devices()[:size])
+    for case, (name, overrides) in CASES.items():
+      model = models.create_model(name, NUM_CLASSES, **overrides)
+      leaves = first_step(model, mesh, images, labels)
+      if jax.process_index() == 0:
+        np.savez(os.path.join(out_dir, f'{case}_{size}.npz'), **leaves)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1], [int(size) for size in sys.argv[2:]])
