@@ -3,12 +3,14 @@
   python -m benchmarks.profile --model gunn15 --batch_size 64
 
 Compiles the step as `benchmarks/run.py` does, runs `--warmup` steps, traces
-one more with `jax.profiler` and prints two markdown tables: milliseconds by
-part of the network (stem, each stage's transition and GUNN layer, final
-transition, classifier; `other` is the loss and the optimiser) forward and
-backward, and the `--top` compiled operations that took longest, with their
-shape and source. An operation's time is summed over its executions (a GUNN
-layer's scan body runs once per segment).
+`--steps` more with `jax.profiler` and prints two markdown tables for the
+traced step with the most recorded operation time (the tracer can miss the
+first or last milliseconds of a trace): milliseconds by part of the network
+(stem, each stage's transition and GUNN layer, final transition, classifier;
+`other` is the loss and the optimiser) forward and backward, and the `--top`
+compiled operations that took longest, with their shape and source. An
+operation's time is summed over its executions in that step (a GUNN layer's
+scan body runs once per segment).
 
 XLA:CPU records executed operations as trace events only with its
 `xla_cpu_enable_xprof_traceme` option, which this script sets for the
@@ -22,6 +24,7 @@ import collections
 import glob
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +37,7 @@ _PART = re.compile(
   r'/(stem|stage\d+_transition|stage\d+_gunn|final_transition|classifier)[/_]'
 )
 _TRACE_OPTIONS = {'xla_cpu_enable_xprof_traceme': True}
+_STEP = 'train_step'  # The annotation of each traced step.
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -51,19 +55,50 @@ def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
   return found
 
 
-def op_events(profile: jax.profiler.ProfileData) -> list[tuple[str, int]]:
-  """(name, nanoseconds) of every executed XLA operation in a trace."""
-  events = []
+def op_events(
+  profile: jax.profiler.ProfileData,
+) -> tuple[list[tuple[str, int, int]], list[tuple[int, int]]]:
+  """Executed XLA operations and annotated steps of a trace.
+
+  Returns:
+    (operations, steps): every executed operation as (name, start ns,
+    duration ns), and every `_STEP` annotation as (start ns, end ns).
+  """
+  events, steps = [], []
   for plane in profile.planes:
     on_device = plane.name.startswith('/device:')
     for line in plane.lines:
-      if on_device or line.name.startswith('tf_XLAEigen'):
+      # XLA:CPU runs operations on its Eigen pool and, at times, on the
+      # client thread that launched the step (tf_XLAPjRtCpuClient).
+      if on_device or line.name.startswith('tf_XLA'):
         events += [
-          (event.name, event.duration_ns)
+          (event.name, event.start_ns, event.duration_ns)
           for event in line.events
-          if '::' not in event.name  # Runtime scopes, e.g. thread pools.
+          # Runtime scopes (thread pools, executors) and completion marks.
+          if '::' not in event.name and not event.name.startswith('end: ')
         ]
-  return events
+      else:
+        steps += [
+          (event.start_ns, event.start_ns + event.duration_ns)
+          for event in line.events
+          if event.name == _STEP
+        ]
+  return events, steps
+
+
+def fullest_step(events, steps) -> list[tuple[str, int]]:
+  """(name, duration ns) of the operations of the step with the most time.
+
+  Operations count for the step their start falls in; with no annotated
+  step, all of them count.
+  """
+  if not steps:
+    return [(name, duration) for name, _, duration in events]
+  per_step = [
+    [(name, duration) for name, start, duration in events if lo <= start <= hi]
+    for lo, hi in steps
+  ]
+  return max(per_step, key=lambda ops: sum(d for _, d in ops))
 
 
 def network_part(op_name: str) -> tuple[str, str]:
@@ -135,15 +170,36 @@ def markdown(summary, top: int) -> str:
 def main(argv=None) -> dict:
   """Profiles one step; returns the step time and the summary."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--model', default='gunn15')
-  parser.add_argument('--variant', default='gunn', choices=run.VARIANTS)
-  parser.add_argument('--dtype', default='float32', choices=run.DTYPES)
-  parser.add_argument('--batch_size', type=int, default=64)
+  parser.add_argument(
+    '--model', default='gunn15', help='A registered network, e.g. gunn15.'
+  )
+  parser.add_argument(
+    '--variant',
+    default='gunn',
+    choices=run.VARIANTS,
+    help='gunn (Algorithm 1), gunn_autodiff or sunn (the SUNN twin).',
+  )
+  parser.add_argument(
+    '--dtype', default='float32', choices=run.DTYPES, help='Activations.'
+  )
+  parser.add_argument(
+    '--batch_size', type=int, default=64, help='Global batch size.'
+  )
   parser.add_argument(
     '--image_size', type=int, default=0, help='0: 32 CIFAR, 224 ImageNet.'
   )
-  parser.add_argument('--warmup', type=int, default=1)
-  parser.add_argument('--top', type=int, default=25)
+  parser.add_argument(
+    '--warmup', type=int, default=1, help='Untraced steps run first.'
+  )
+  parser.add_argument(
+    '--steps',
+    type=int,
+    default=3,
+    help='Traced steps; the tables show the one with the most recorded time.',
+  )
+  parser.add_argument(
+    '--top', type=int, default=25, help='Operations in the second table.'
+  )
   parser.add_argument('--trace_dir', default=None, help='Keep the trace here.')
   args = parser.parse_args(argv)
   try:
@@ -162,19 +218,23 @@ def main(argv=None) -> dict:
   for _ in range(args.warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(state)
+  step_ms = []
   with tempfile.TemporaryDirectory() as scratch:
     trace_dir = args.trace_dir or scratch
     jax.profiler.start_trace(trace_dir)
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    step_ms = 1000 * (time.perf_counter() - start)
+    for step in range(args.steps):
+      with jax.profiler.StepTraceAnnotation(_STEP, step_num=step):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        step_ms.append(1000 * (time.perf_counter() - start))
     jax.profiler.stop_trace()
     path = max(
       glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True),
       key=os.path.getmtime,
     )
-    events = op_events(jax.profiler.ProfileData.from_file(path))
+    events = fullest_step(*op_events(jax.profiler.ProfileData.from_file(path)))
+  step_ms = statistics.median(step_ms)
   if not events:
     parser.exit(1, 'profile: the trace has no XLA operation events.\n')
   summary = summarise(events, hlo_instructions(compiled.as_text()))
