@@ -15,12 +15,12 @@ checkpoint (JAX's preemption service) and stop together.
 """
 
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 
 from absl import app, flags
 
@@ -87,19 +87,33 @@ def launch(command: list[str], num_processes: int, devices: int) -> int:
       if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
 
+  # Exits in the order they happen, so that the first failure is named even
+  # when the others fail right after it (their peer is gone).
+  exits = queue.Queue()
+  for index, proc in enumerate(procs):
+    threading.Thread(
+      target=lambda index, proc: exits.put((index, proc.wait())),
+      args=(index, proc),
+      daemon=True,
+    ).start()
   previous = [signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)]
   try:
-    while True:
-      codes = [proc.poll() for proc in procs]
-      failed = [(i, code) for i, code in enumerate(codes) if code]
-      if failed or all(code == 0 for code in codes):
+    failed = None
+    for _ in procs:
+      while True:
+        try:  # A timeout, so that signal handlers run meanwhile.
+          index, code = exits.get(timeout=0.2)
+          break
+        except queue.Empty:
+          pass
+      if code:
+        failed = (index, code)
         break
-      time.sleep(0.2)
     if failed:
       with lock:
         print(
-          f'gunn_jax.launch: process {failed[0][0]} failed with exit status '
-          f'{failed[0][1]}; stopping the other processes.',
+          f'gunn_jax.launch: process {failed[0]} failed with exit status '
+          f'{failed[1]}; stopping the other processes.',
           file=sys.stderr,
           flush=True,
         )
@@ -115,7 +129,7 @@ def launch(command: list[str], num_processes: int, devices: int) -> int:
     thread.join()
   if not failed:
     return 0
-  return failed[0][1] if failed[0][1] > 0 else 1
+  return failed[1] if failed[1] > 0 else 1
 
 
 def main(argv):
