@@ -7,6 +7,7 @@ folder is the second.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -196,7 +197,15 @@ def test_features_are_the_classifier_input(run):
 def test_load_errors(run, tmp_path):
   with pytest.raises(UserError, match='No config.json in'):
     inference.load(str(tmp_path))
-  with pytest.raises(UserError, match=r'No checkpoint 5 .*\[2, 3, 4, 6\]'):
+  manager = checkpointing.create_manager(run, read_only=True)
+  try:
+    kept = list(manager.all_steps())
+  finally:
+    manager.close()
+  # Step 5 is never saved (saves: every 2 steps and at evaluations 3, 6).
+  with pytest.raises(
+    UserError, match=rf'No checkpoint 5 .*{re.escape(str(kept))}'
+  ):
     inference.load(run, 5)
 
 
@@ -211,6 +220,43 @@ def test_ensemble_covers_the_split_and_reports_each_snapshot(run):
   ensemble = results['ensemble']
   assert ensemble['num_snapshots'] == 3
   assert 0 <= ensemble['top5_error'] <= ensemble['top1_error'] <= 100
+
+
+def errors_of(probs, labels):
+  """Top-1 and top-5 errors (%) of [N, classes] probabilities."""
+  top5 = np.argsort(-probs, axis=1)[:, :5]
+  return (
+    100 * np.mean(top5[:, 0] != labels),
+    100 * np.mean(~np.any(top5 == labels[:, None], axis=1)),
+  )
+
+
+@pytest.mark.parametrize('num_snapshots', [None, 2])
+def test_ensemble_averages_the_snapshots_softmax(run, num_snapshots):
+  """The ensemble's errors, computed by hand from each snapshot's softmax."""
+  steps = [2, 4, 6][-(num_snapshots or 3) :]
+  probs, labels = [], None
+  for step in steps:
+    model = inference.load(run, step)
+    batches = list(input_pipeline.create_eval_iterable(model.config))
+    mask = np.concatenate([b['mask'] for b in batches]).astype(bool)
+    probs.append(
+      np.concatenate([model.predict(b['images']) for b in batches])[mask]
+    )
+    labels = np.concatenate([b['labels'] for b in batches])[mask]
+  average = np.mean(probs, axis=0)
+  # Averaging is not choosing: the average disagrees with every snapshot.
+  for member in probs:
+    assert np.any(member.argmax(1) != average.argmax(1))
+  results = inference.evaluate_ensemble(run, num_snapshots)
+  top1, top5 = errors_of(average, labels)
+  assert results['ensemble']['num_snapshots'] == len(steps)
+  assert results['ensemble']['top1_error'] == pytest.approx(top1)
+  assert results['ensemble']['top5_error'] == pytest.approx(top5)
+  for snapshot, member in zip(results['snapshots'], probs, strict=True):
+    assert (snapshot['top1_error'], snapshot['top5_error']) == pytest.approx(
+      errors_of(member, labels)
+    )
 
 
 def test_ensemble_of_identical_models_equals_one_model(run):

@@ -6,8 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -333,9 +331,20 @@ def _main_command(workdir, *flags):
   ]
 
 
+_FLAGS_OF_120_STEPS = (
+  '--config.num_train_steps=120',
+  '--config.checkpoint_every_steps=10',
+  '--config.eval_every_steps=100',
+  '--config.log_every_steps=10',
+)
+
+
 def _subprocess_env(num_devices=1):
   env = dict(
-    os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1', JAX_PLATFORMS='cpu'
+    os.environ,
+    JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=REPO_ROOT,
   )
   env['XLA_FLAGS'] = (
     env.get('XLA_FLAGS', '')
@@ -371,24 +380,30 @@ def test_eight_devices_equal_one_device(trained, tmp_path):
   )
 
 
-def _has_checkpoint(workdir, min_step):
-  path = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(path) and any(
-    name.isdigit() and int(name) >= min_step for name in os.listdir(path)
-  )
+class _NoPreemptionService:
+  """A checkpoint manager that JAX's preemption service told nothing."""
+
+  def reached_preemption(self, step):
+    del step
+    return False
 
 
-def _wait_for_checkpoint(workdir, process, min_step, timeout=240):
-  deadline = time.monotonic() + timeout
-  while not _has_checkpoint(workdir, min_step):
-    assert process.poll() is None, process.communicate()[1][-3000:]
-    assert time.monotonic() < deadline, f'no checkpoint {min_step}'
-    time.sleep(0.02)
+def test_sigterm_is_a_preemption_notice():
+  previous = signal.getsignal(signal.SIGTERM)
+  notice = checkpointing.PreemptionNotice()
+  try:
+    assert not notice.reached(_NoPreemptionService(), 1)
+    # The main thread runs the handler before the next line.
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert notice.reached(_NoPreemptionService(), 2)
+  finally:
+    notice.close()
+  assert signal.getsignal(signal.SIGTERM) is previous
 
 
 @pytest.mark.slow
-def test_preempted_and_killed_run_ends_bit_identical(tmp_path):
-  """SIGTERM (saves and returns), then SIGKILL, then a resume to the end."""
+def test_preempted_and_killed_run_ends_bit_identical(tmp_path, monkeypatch):
+  """A preemption at step 37, a SIGKILL after saving step 60, a resume."""
   config = tiny_config(
     num_train_steps=120,
     checkpoint_every_steps=10,
@@ -397,42 +412,32 @@ def test_preempted_and_killed_run_ends_bit_identical(tmp_path):
   )
   interrupted = str(tmp_path / 'interrupted')
 
-  # Preemption, in this process: SIGTERM once checkpoint 10 exists. The
-  # no-op handler absorbs a signal that would come after the run.
-  def preempt():
-    while not _has_checkpoint(interrupted, 10):
-      time.sleep(0.01)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-  previous = signal.signal(signal.SIGTERM, lambda *_: None)
-  try:
-    threading.Thread(target=preempt, daemon=True).start()
+  # Preemption: the notice arrives during step 37.
+  with monkeypatch.context() as patch:
+    patch.setattr(
+      checkpointing.PreemptionNotice,
+      'reached',
+      lambda self, manager, step: step == 37,
+    )
     preempted = train.train_and_evaluate(config, interrupted)
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-  preempted_at = int(preempted.step)
-  assert 10 < preempted_at < 120
-  assert max(_steps(interrupted)[0]) == preempted_at
+  assert int(preempted.step) == 37
+  assert max(_steps(interrupted)[0]) == 37
 
-  # A crash at any moment: SIGKILL to `main.py` once it saved 20 steps more.
-  process = subprocess.Popen(
-    _main_command(
-      interrupted,
-      '--config.num_train_steps=120',
-      '--config.checkpoint_every_steps=10',
-      '--config.eval_every_steps=100',
-      '--config.log_every_steps=10',
-    ),
-    env=_subprocess_env(),
+  # A lost machine: `main.py` resumes, then kills itself (SIGKILL) once the
+  # checkpoint of step 60 is written.
+  killed = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO_ROOT, 'tests', 'main_with_faults.py'),
+      *_main_command(interrupted, *_FLAGS_OF_120_STEPS)[2:],
+    ],
+    env=dict(_subprocess_env(), GUNN_TEST_KILL_AT_STEP='60'),
     cwd=REPO_ROOT,
-    stderr=subprocess.PIPE,
+    capture_output=True,
     text=True,
   )
-  _wait_for_checkpoint(interrupted, process, preempted_at + 20)
-  process.kill()
-  process.communicate()
-  killed_at, _ = _steps(interrupted)
-  assert max(killed_at) < 120
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert max(_steps(interrupted)[0]) == 60
 
   resumed = train.train_and_evaluate(config, interrupted)
   uninterrupted = train.train_and_evaluate(config, str(tmp_path / 'whole'))

@@ -1,0 +1,58 @@
+"""Which checkpoints the manager keeps, with made-up evaluation metrics."""
+
+import jax.numpy as jnp
+import pytest
+
+from gunn_jax import checkpointing
+from gunn_jax.errors import UserError
+
+
+def save_all(workdir, errors, keep, keep_steps=()):
+  """Saves steps 1..len(errors); `errors[i]` None means no evaluation."""
+  manager = checkpointing.create_manager(
+    str(workdir), keep, keep_steps=keep_steps
+  )
+  try:
+    for step, error in enumerate(errors, 1):
+      metrics = None if error is None else {checkpointing.BEST_METRIC: error}
+      checkpointing.save(manager, step, {'w': jnp.full(2, step)}, metrics)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  manager = checkpointing.create_manager(str(workdir), read_only=True)
+  try:
+    return sorted(manager.all_steps()), manager.best_step()
+  finally:
+    manager.close()
+
+
+def test_keeps_the_latest_and_the_best_beyond_them(tmp_path):
+  steps, best = save_all(tmp_path, [50.0, 20.0, 40.0, 45.0, 60.0, 55.0], 2)
+  assert best == 2
+  assert steps == [2, 5, 6]
+
+
+def test_the_best_among_the_latest_is_kept_once(tmp_path):
+  steps, best = save_all(tmp_path, [50.0, 40.0, None, 10.0, None], 2)
+  assert best == 4
+  assert steps == [4, 5]
+
+
+def test_snapshot_steps_are_never_deleted(tmp_path):
+  steps, best = save_all(
+    tmp_path, [None, 30.0, None, 20.0, None, None], 1, (1, 3)
+  )
+  assert (steps, best) == ([1, 3, 4, 6], 4)
+
+
+def test_select_step(tmp_path):
+  save_all(tmp_path, [30.0, 10.0, 20.0], 1)
+  manager = checkpointing.create_manager(str(tmp_path), read_only=True)
+  try:
+    assert checkpointing.select_step(manager, 'latest') == 3
+    assert checkpointing.select_step(manager, 'best') == 2
+    assert checkpointing.select_step(manager, 2) == 2
+    with pytest.raises(UserError, match=r'No checkpoint 1 .*\[2, 3\]'):
+      checkpointing.select_step(manager, 1)
+  finally:
+    manager.close()
