@@ -79,8 +79,17 @@ def create_train_state(model, tx, image_shape, rng) -> TrainState:
   )
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array]):
-  """One SGD step on a (global) batch; returns the state and TrainMetrics."""
+def compute_gradients(state: TrainState, batch: dict[str, jax.Array]):
+  """The training loss and its gradients on a (global) batch.
+
+  The loss is the mean softmax cross-entropy of the model in training mode
+  (BatchNorm on the batch's statistics).
+
+  Returns:
+    (grads, (loss, logits, batch_stats)): gradients w.r.t. `state.params`;
+    the loss, the logits [B, num_classes] and the updated BatchNorm running
+    averages.
+  """
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -92,11 +101,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]):
     loss = optax.softmax_cross_entropy_with_integer_labels(
       logits, batch['labels']
     ).mean()
-    return loss, (logits, updates['batch_stats'])
+    return loss, (loss, logits, updates['batch_stats'])
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
-    loss_fn, has_aux=True
-  )(state.params)
+  return jax.grad(loss_fn, has_aux=True)(state.params)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array]):
+  """One SGD step on a (global) batch; returns the state and TrainMetrics."""
+  grads, (loss, logits, batch_stats) = compute_gradients(state, batch)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   step_metrics = TrainMetrics.single_from_model_output(
     loss=loss,

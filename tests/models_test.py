@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from clu import parameter_overview
 
-from gunn_jax import models
+from gunn_jax import layers, models
 
 # FACTS.md section 3 (trainable parameters; SUNN and NoRes share GUNN's).
 PARAMETER_COUNTS = {
@@ -91,25 +91,44 @@ def test_any_input_size_and_channel_count(size, channels):
   assert logits.shape == (2, 7)
 
 
-def test_imagenet_layout_shapes():
-  model = models.create_model('gunn18', 1000)
-  variables = abstract_variables(model, 224)
-  images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
-  (logits, state) = jax.eval_shape(
+# The resolution (H = W) and width of each GUNN layer's output for the
+# paper's input sizes (Tables 1 and 2), and the classifier's input width.
+STAGES = {
+  'gunn15': ([(32, 240), (16, 300), (8, 360)], 360),
+  'gunn24': ([(32, 720), (16, 900), (8, 1080)], 1080),
+  'gunn18': ([(56, 400), (28, 800), (14, 1600), (7, 2000)], 2000),
+  'wide_gunn18': ([(56, 1200), (28, 1600), (14, 2000), (7, 2000)], 2000),
+}
+
+
+@pytest.mark.parametrize('name', sorted(set(STAGES) | set(TWINS)))
+def test_stage_resolutions_and_widths(name):
+  """Every paper network, its twins included, in training mode."""
+  network = TWINS.get(name, name)
+  stages, final_width = STAGES[network]
+  model = models.create_model(name, 10)
+  size = input_size(name)
+  variables = abstract_variables(model, size)
+  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  logits, state = jax.eval_shape(
     functools.partial(
-      model.apply, train=True, mutable=['batch_stats', 'intermediates']
+      model.apply,
+      train=True,
+      mutable=['batch_stats', 'intermediates'],
+      capture_intermediates=lambda module, _: isinstance(
+        module, layers.GUNNLayer
+      ),
     ),
     variables,
     images,
   )
-  assert logits.shape == (2, 1000)
-  assert state['intermediates']['features'][0].shape == (2, 2000)
-  # FACTS.md section 3: the first GUNN layer runs at 56x56, the last at 7x7.
-  assert variables['params']['stage1_gunn']['units']['b1_conv1'].shape == (
-    10,
-    400,
-    80,
-  )
+  intermediates = state['intermediates']
+  for stage, (resolution, width) in enumerate(stages, 1):
+    (output,) = intermediates[f'stage{stage}_gunn']['__call__']
+    assert output.shape == (2, resolution, resolution, width), stage
+  assert f'stage{len(stages) + 1}_gunn' not in intermediates
+  assert intermediates['features'][0].shape == (2, final_width)
+  assert logits.shape == (2, 10)
 
 
 @pytest.fixture(scope='module', name='tiny')
