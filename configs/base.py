@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = 'gunn15'  # Name in `gunn_jax.models.MODELS`.
   config.memory_efficient = True  # Algorithm-1 backprop in GUNN layers.
   config.half_precision = False  # bfloat16 activations; params stay float32.
+  config.bn_group_size = 0  # Examples per BatchNorm group in training; 0 = all.
 
   # Data.
   config.dataset = 'cifar10'  # cifar10|cifar100|imagenet2012|digits|folder:DIR
@@ -23,12 +24,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.folder_preprocessing = 'imagenet'  # 'imagenet' or 'cifar' (folders).
   config.roll_augmentation = True  # Authors' cyclic roll (CIFAR-style data).
   config.ten_crop = False  # Ten-crop evaluation (ImageNet-style data).
-  config.cache = True  # Cache decoded data in memory (small datasets).
+  config.cache = True  # Decode a CIFAR-style image folder into memory once.
   config.shuffle_buffer_size = 16_384  # Examples; streamed datasets only.
   config.prefetch_batches = 2  # Batches prefetched to the devices.
   config.max_eval_examples = 0  # Evaluate on a prefix; 0 = whole split.
 
-  # Optimisation (FACTS.md section 6).
+  # Optimisation (paper section 6.2, docs/paper.md).
   config.batch_size = 64  # Global training batch over all devices.
   config.eval_batch_size = 256  # Global evaluation batch.
   config.num_epochs = 300.0  # Training length in epochs.
@@ -52,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = -1  # Steps between evals; -1 = each epoch, 0 = end.
   config.checkpoint_every_steps = 1000  # Steps between checkpoints (+ evals).
   config.keep_checkpoints = 3  # Most recent checkpoints kept (+ the best).
-  config.profile_steps = 5  # Steps traced early on process 0; 0 = no profile.
+  config.profile_steps = 5  # Steps traced from step 10, then hourly; 0 = off.
   return config
 
 

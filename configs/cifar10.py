@@ -1,10 +1,12 @@
-"""GUNN, SUNN and GUNN-NoRes on CIFAR-10 (paper Table 3, FACTS.md section 7).
+"""GUNN, SUNN and GUNN-NoRes on CIFAR-10 (paper Table 3, docs/paper.md).
 
-Recipe (FACTS.md section 6): SGD with Nesterov momentum 0.9, learning rate
+Recipe (paper section 6.2): SGD with Nesterov momentum 0.9, learning rate
 0.1, coupled weight decay 1e-4, batch 64, 300 epochs, learning rate x0.1 from
 epoch 150 and x0.01 from epoch 225; augmentation: flip, pad-4 crop and the
-authors' cyclic roll. The authors split batch 64 over 4 GPUs, so their
-BatchNorm saw 16 examples per group; here it sees the global batch.
+authors' cyclic roll. BatchNorm statistics come from groups of 16 examples
+(`bn_group_size=16`), as in the authors' runs, which split each batch of 64
+over 4 GPUs; with 8 or more devices the per-device batch (8 or less) holds
+no whole group: set `--config.bn_group_size` to a divisor of it, or 0.
 
 The argument is `MODEL[,OPTION...]`: MODEL is a name in `gunn_jax.models`
 (gunn15, gunn15_nores, sunn15, gunn24, sunn24, ...); options are `snapshot`
@@ -23,7 +25,7 @@ small steps to check that everything runs).
 | GUNN-24, 6 snapshots | `:gunn24,snapshot` | 3.02 | not yet trained |
 
 Hardware and wall time: not yet measured (one CPU step of GUNN-15 at batch 64
-takes about 5 s, so these runs need an accelerator).
+takes seconds (README, Benchmarks), so these runs need an accelerator).
 """
 
 import ml_collections
@@ -40,6 +42,7 @@ def cifar_config(dataset: str, arg: str) -> ml_collections.ConfigDict:
   config.model = model
   config.dataset = dataset
   config.batch_size = 64
+  config.bn_group_size = 16  # 64 examples over the authors' 4 GPUs.
   config.num_epochs = 300.0
   config.lr_boundaries_epochs = (150.0, 225.0)
   config.lr_scales = (0.1, 0.01)
@@ -57,6 +60,7 @@ def cifar_config(dataset: str, arg: str) -> ml_collections.ConfigDict:
 def apply_smoke(config: ml_collections.ConfigDict) -> None:
   """Shrinks `config` in place to a few small steps (any experiment)."""
   config.batch_size = 8
+  config.bn_group_size = 0  # Groups of 16 do not fit a batch of 8.
   config.eval_batch_size = 8
   config.num_train_steps = 2
   config.max_eval_examples = 16

@@ -1,4 +1,4 @@
-"""GUNN, SUNN and GUNN-NoRes on CIFAR-100 (paper Table 3, FACTS.md section 7).
+"""GUNN, SUNN and GUNN-NoRes on CIFAR-100 (paper Table 3, docs/paper.md).
 
 The recipe and the argument `MODEL[,OPTION...]` are those of `cifar10.py`.
 

@@ -140,12 +140,15 @@ class ConvSame(nn.Module):
     return conv_same(images.astype(self.dtype), kernel.astype(self.dtype))
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str) -> normalization.BatchNorm:
-  """BatchNorm with Torch's settings (FACTS.md section 4).
+def batch_norm(
+  train: bool, dtype: Dtype, name: str, group_size: int = 0
+) -> normalization.BatchNorm:
+  """BatchNorm with Torch's settings (`docs/paper.md`, initialisation).
 
   Torch's running-average momentum 0.1 is flax's decay 0.9. Statistics are
   summed in a fixed order (`normalization.BatchNorm`), so they are the same
-  bits however the batch is sharded.
+  bits however the batch is sharded; `group_size` > 0 normalises each group
+  of that many examples on its own, as on the authors' GPUs.
   """
   return normalization.BatchNorm(
     use_running_average=not train,
@@ -153,6 +156,7 @@ def batch_norm(train: bool, dtype: Dtype, name: str) -> normalization.BatchNorm:
     epsilon=1e-5,
     dtype=dtype,
     param_dtype=jnp.float32,
+    group_size=group_size,
     name=name,
   )
 
@@ -191,6 +195,7 @@ class BottleneckUnit(nn.Module):
     stacking: M, the number of stacked bottlenecks (1 or 2).
     shortcut: whether to add the projection shortcut.
     dtype: computation dtype; parameters are float32.
+    bn_group_size: examples per BatchNorm statistics group; 0 = the batch.
   """
 
   features: int
@@ -198,6 +203,7 @@ class BottleneckUnit(nn.Module):
   stacking: int = 1
   shortcut: bool = False
   dtype: Dtype = jnp.float32
+  bn_group_size: int = 0
 
   @nn.compact
   def __call__(self, state: jax.Array, train: bool) -> jax.Array:
@@ -225,21 +231,24 @@ class BottleneckUnit(nn.Module):
     )
     out = self._bottleneck_tail(fused[..., :width], train, 'b1')
     if self.shortcut:
-      out += batch_norm(train, self.dtype, 'shortcut_bn')(fused[..., width:])
+      out += self._batch_norm(train, 'shortcut_bn')(fused[..., width:])
     if self.stacking == 2:
       hidden = conv1x1(width, self.dtype, 'b2_conv1')(out)
       out += self._bottleneck_tail(hidden, train, 'b2')
     return out
 
+  def _batch_norm(self, train, name):
+    return batch_norm(train, self.dtype, name, self.bn_group_size)
+
   def _bottleneck_tail(self, hidden, train, prefix):
     """Everything of a bottleneck after its first 1x1 convolution."""
-    hidden = nn.relu(batch_norm(train, self.dtype, f'{prefix}_bn1')(hidden))
+    hidden = nn.relu(self._batch_norm(train, f'{prefix}_bn1')(hidden))
     hidden = ConvSame(hidden.shape[-1], 3, self.dtype, name=f'{prefix}_conv2')(
       hidden
     )
-    hidden = nn.relu(batch_norm(train, self.dtype, f'{prefix}_bn2')(hidden))
+    hidden = nn.relu(self._batch_norm(train, f'{prefix}_bn2')(hidden))
     hidden = conv1x1(self.features, self.dtype, f'{prefix}_conv3')(hidden)
-    return batch_norm(train, self.dtype, f'{prefix}_bn3')(hidden)
+    return self._batch_norm(train, f'{prefix}_bn3')(hidden)
 
 
 def _make_update_fn(
@@ -375,7 +384,7 @@ class GUNNLayer(nn.Module):
     batch_units: SUNN only: run the P units as one vmapped computation (one
       wide 1x1 matmul, grouped 3x3 convolutions) instead of a scan over them.
       None chooses by backend: batched on GPU/TPU, a scan on CPU, where
-      XLA's grouped convolutions are 10-20x slower (XLA_CPU_NOTES).
+      XLA's grouped convolutions are 10-20x slower (`docs/xla_cpu.md`).
   """
 
   unit_cls: ModuleDef

@@ -1,7 +1,7 @@
 """GUNN and SUNN networks of the paper (sections 5.2, 5.3) and a registry.
 
 `create_model(name, num_classes)` builds any registered network; the exact
-layouts and parameter counts are those of FACTS.md section 3. Every network
+layouts and parameter counts are those of `docs/paper.md`. Every network
 is one `GUNNNet`: a stem, then per resolution a transition (conv1x1 + BN +
 ReLU, "one resolution, one representation") and one GUNN layer, then global
 average pooling and a linear classifier.
@@ -41,6 +41,8 @@ class GUNNNet(nn.Module):
     mode: 'gradual' (GUNN) or 'simultaneous' (SUNN).
     residual: residual segment updates (eq. 5); False is GUNN-NoRes.
     memory_efficient: Algorithm-1 backpropagation in the GUNN layers.
+    bn_group_size: examples per BatchNorm statistics group in training (the
+      authors' per-GPU share of the batch); 0 = the whole batch.
     dtype: activation dtype (bfloat16 on TPU/GPU); parameters and BatchNorm
       statistics stay float32, logits are float32.
   """
@@ -57,6 +59,7 @@ class GUNNNet(nn.Module):
   mode: str = 'gradual'
   residual: bool = True
   memory_efficient: bool = True
+  bn_group_size: int = 0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -75,7 +78,9 @@ class GUNNNet(nn.Module):
     """
     if len(self.widths) != len(self.segments):
       raise ValueError('GUNNNet: widths and segments differ in length.')
-    norm = functools.partial(layers.batch_norm, train, self.dtype)
+    norm = functools.partial(
+      layers.batch_norm, train, self.dtype, group_size=self.bn_group_size
+    )
     conv = functools.partial(
       nn.Conv,
       use_bias=False,
@@ -112,6 +117,7 @@ class GUNNNet(nn.Module):
         stacking=self.stacking,
         shortcut=self.shortcut,
         dtype=self.dtype,
+        bn_group_size=self.bn_group_size,
       )
       x = layers.GUNNLayer(
         unit_cls,

@@ -54,10 +54,17 @@ def pairwise_sum(values: jax.Array, axis: int) -> jax.Array:
     pairs = values[:even].reshape(even // 2, 2, *values.shape[1:])
     summed = pairs[:, 0] + pairs[:, 1]
     values = jnp.concatenate([summed, values[even:]]) if count % 2 else summed
-  # The last addition is a reduction (of two values: a + b in any order), so
-  # that XLA materialises the sum instead of fusing the whole tree into every
-  # elementwise consumer, which would redo it for each element.
-  return jnp.sum(values, axis=0)
+  # The last addition is a product with [1, 1] (a + b exactly), for two
+  # reasons. XLA materialises its result instead of fusing the whole tree into
+  # every elementwise consumer, which would redo it for each element. And it
+  # keeps the tree: ended by a reduction, XLA:CPU's code for the reduction
+  # reassociated the additions before it, e.g. (a + b) + (c + d) into
+  # ((a + b) + d) + c (`docs/xla_cpu.md`).
+  if values.shape[0] == 1:
+    return values[0]
+  return jnp.tensordot(
+    jnp.ones(2, values.dtype), values, axes=1, precision=lax.Precision.HIGHEST
+  )
 
 
 @jax.custom_jvp
@@ -92,24 +99,38 @@ def _sums_over_positions_jvp(primals, tangents):
   return _sums_over_positions(x), tangent
 
 
-def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean and biased variance per channel, summed in a fixed order.
+def batch_moments(
+  x: jax.Array, group_size: int = 0
+) -> tuple[jax.Array, jax.Array]:
+  """Mean and biased variance per channel of each group of examples.
 
   Each example's positions are summed by `_sums_over_positions`, then the
-  examples by `pairwise_sum`, whose lower levels add examples of one
-  device, so only its last log2(devices) levels exchange [devices, 2C] rows.
+  examples of each group by `pairwise_sum`, whose lower levels add examples
+  of one device, so only its last log2(devices) levels exchange [devices,
+  2C] rows (none when every device holds whole groups).
 
   Args:
-    x: [B, ..., C]; statistics are over every axis but the last. Computed in
-      at least float32.
+    x: [B, ..., C]; statistics are over every axis but the last, per group
+      of `group_size` consecutive examples. Computed in at least float32.
+    group_size: examples per group, dividing B; 0 means one group of B.
 
   Returns:
-    (mean, var), each [C]; var = E[x^2] - E[x]^2 clipped at 0, as in Flax.
+    (mean, var), each [G, C] for G = B / group_size groups; var = E[x^2] -
+    E[x]^2 clipped at 0, as in Flax.
+
+  Raises:
+    ValueError: if `group_size` does not divide B.
   """
+  batch = x.shape[0]
+  group_size = group_size or batch
+  if batch % group_size:
+    raise ValueError(
+      f'BatchNorm groups of {group_size} do not divide a batch of {batch}.'
+    )
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  count = x.size // x.shape[-1]
-  total = pairwise_sum(_sums_over_positions(x), axis=0) / count
-  mean, mean_sq = jnp.split(total, 2)
+  sums = _sums_over_positions(x).reshape(batch // group_size, group_size, -1)
+  count = group_size * (x.size // (batch * x.shape[-1]))
+  mean, mean_sq = jnp.split(pairwise_sum(sums, axis=1) / count, 2, axis=-1)
   return mean, jnp.maximum(0.0, mean_sq - mean * mean)
 
 
@@ -118,7 +139,11 @@ class BatchNorm(nn.Module):
 
   The same variables as `flax.linen.BatchNorm` (params `scale`, `bias`;
   batch_stats `mean`, `var`) and the same arithmetic, except that batch
-  statistics come from `batch_moments`.
+  statistics come from `batch_moments`. With `group_size`, each group of
+  that many consecutive examples is normalised with its own statistics, as
+  each GPU normalised its share of the batch in the authors' data-parallel
+  Torch training (`docs/paper.md`); the running averages then follow the
+  average of the groups' means and variances.
 
   Attributes:
     use_running_average: normalise with the running averages (evaluation)
@@ -127,6 +152,7 @@ class BatchNorm(nn.Module):
     epsilon: added to the variance.
     dtype: dtype of the output; statistics are at least float32.
     param_dtype: dtype of scale and bias.
+    group_size: examples per statistics group in training; 0 = the batch.
   """
 
   use_running_average: bool
@@ -134,6 +160,7 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  group_size: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -146,18 +173,24 @@ class BatchNorm(nn.Module):
       'batch_stats', 'var', jnp.ones, features, jnp.float32
     )
     if self.use_running_average:
-      mean, var = ra_mean.value, ra_var.value
+      mean, var = ra_mean.value[None], ra_var.value[None]
     else:
-      mean, var = batch_moments(x)
+      mean, var = batch_moments(x, self.group_size)  # [G, C] each.
       if not self.is_initializing():
-        ra_mean.value = (
-          self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        )
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        groups = mean.shape[0]
+        for average, value in ((ra_mean, mean), (ra_var, var)):
+          average.value = self.momentum * average.value + (
+            1 - self.momentum
+          ) * (pairwise_sum(value, axis=0) / groups)
     scale = self.param(
       'scale', nn.initializers.ones, features, self.param_dtype
     )
     bias = self.param('bias', nn.initializers.zeros, features, self.param_dtype)
     mul = lax.rsqrt(var + self.epsilon) * scale
-    y = (x - mean) * mul + bias
-    return y.astype(self.dtype)
+    # Each example with its group's statistics: [G, C] -> [B, 1, ..., 1, C].
+    per_example = (slice(None),) + (None,) * (x.ndim - 2)
+    mean, mul = (
+      jnp.repeat(v, x.shape[0] // v.shape[0], axis=0)[per_example]
+      for v in (mean, mul)
+    )
+    return ((x - mean) * mul + bias).astype(self.dtype)

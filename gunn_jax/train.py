@@ -1,8 +1,8 @@
 """Training and evaluation of GUNN classifiers, callable from a notebook.
 
 `train_and_evaluate(config, workdir)` trains `config.model` on
-`config.dataset` with the paper's recipe (FACTS.md section 6): SGD with
-Nesterov momentum, coupled weight decay on every parameter and a step or
+`config.dataset` with the paper's recipe (section 6.2, `docs/paper.md`): SGD
+with Nesterov momentum, coupled weight decay on every parameter and a step or
 snapshot (cyclic cosine) learning-rate schedule. It runs data-parallel over
 all devices (see `sharding.py`), evaluates the whole evaluation split, writes
 metrics (see `metric_io.py`) and checkpoints (see `checkpointing.py`), and
@@ -63,6 +63,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
       num_classes,
       dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
       memory_efficient=config.memory_efficient,
+      # Runs saved before the key existed normalised the whole batch.
+      bn_group_size=config.get('bn_group_size', 0),
     )
   except ValueError as e:
     raise UserError(str(e)) from e
@@ -225,6 +227,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ('batch_size', 'eval_batch_size')
     if config[key] % num_devices
   ]
+  group = config.get('bn_group_size', 0)
+  per_device = config.batch_size // num_devices
+  if group < 0:
+    problems.append(f'config.bn_group_size must be >= 0, got {group}')
+  elif group and per_device % group:
+    problems.append(
+      f'config.bn_group_size={group} does not divide the '
+      f'{per_device} examples per device (batch {config.batch_size} on '
+      f'{num_devices} device{"s" * (num_devices > 1)}); use a divisor of '
+      f'{per_device}, or 0'
+    )
   if problems:
     raise UserError(problems[0] + '.')
 

@@ -13,7 +13,7 @@ from gunn_jax import datasets, input_pipeline, optimization, train
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (config argument, trainable parameters of the paper's network: FACTS.md 3).
+# (config argument, trainable parameters of the paper's network: docs/paper.md).
 PAPER_EXPERIMENTS = [
   ('cifar10.py:gunn15', 1_585_746),
   ('cifar10.py:gunn15_nores', 1_585_746),
@@ -58,7 +58,7 @@ def test_paper_config_builds_its_model(spec, num_params):
   assert sum(x.size for x in jax.tree.leaves(variables['params'])) == (
     num_params
   )
-  # The recipe: SGD, lr 0.1, Nesterov 0.9, weight decay 1e-4 (FACTS.md 6).
+  # The recipe of paper section 6.2: SGD, lr 0.1, Nesterov 0.9, decay 1e-4.
   assert (
     config.learning_rate,
     config.momentum,
@@ -81,7 +81,11 @@ def test_cifar_and_imagenet_recipes():
   assert tuple(c10.lr_boundaries_epochs) == (150, 225)
   snapshot = load('cifar10.py:gunn24,snapshot')
   assert (snapshot.lr_schedule, snapshot.snapshot_cycles) == ('snapshot', 6)
+  # BatchNorm groups: the per-GPU share of the authors' runs (section 6.2).
+  assert c10.bn_group_size == load('cifar100.py:gunn24').bn_group_size == 16
   imagenet = load('imagenet.py:gunn18')
+  assert imagenet.bn_group_size == 32
+  assert load('quickstart.py').bn_group_size == 0
   assert (imagenet.batch_size, imagenet.num_epochs) == (256, 120)
   assert tuple(imagenet.lr_scales) == (0.1, 0.01, 1e-4)
   with pytest.raises(flags.IllegalFlagValueError, match='expected MODEL'):

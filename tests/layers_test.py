@@ -22,6 +22,7 @@ def make_layer(
   stacking=2,
   dtype=jnp.float64,
   batch_units=None,
+  bn_group_size=0,
 ):
   unit_cls = functools.partial(
     layers.BottleneckUnit,
@@ -30,6 +31,7 @@ def make_layer(
     stacking=stacking,
     shortcut=True,
     dtype=dtype,
+    bn_group_size=bn_group_size,
   )
   return layers.GUNNLayer(
     unit_cls, segments, mode, residual, memory_efficient, batch_units
@@ -58,7 +60,7 @@ def normal(shape, seed=2, dtype=jnp.float64):
 
 
 def reference(layer, variables, x, train):
-  """A Python loop over segments with `jnp.concatenate` (FACTS.md §1)."""
+  """A Python loop over segments with `jnp.concatenate` (eq. 4 and 5)."""
   unit = layer.unit_cls()
   params = variables['params']['units']
   stats = variables['batch_stats']['units']
@@ -142,16 +144,26 @@ def train_mode_gradients(layer, x, scalar_fn):
   return y, updated, grads
 
 
-@pytest.mark.parametrize('mode', ['gradual', 'simultaneous'])
-@pytest.mark.parametrize('residual', [True, False])
-def test_algorithm1_gradients_equal_autodiff(mode, residual):
+@pytest.mark.parametrize(
+  'mode, residual, bn_group_size',
+  [
+    ('gradual', True, 0),
+    ('gradual', False, 0),
+    ('simultaneous', True, 0),
+    ('simultaneous', False, 0),
+    ('gradual', True, 2),
+  ],
+)
+def test_algorithm1_gradients_equal_autodiff(mode, residual, bn_group_size):
   """Algorithm 1 (BN in training mode) matches autodiff of the scan."""
   with jax.enable_x64(True):
     x = normal((4, 5, 5, CHANNELS))
     target = normal(x.shape, seed=3)
     (y, stats, grads), (y_ad, stats_ad, grads_ad) = [
       train_mode_gradients(
-        make_layer(mode, residual, memory_efficient),
+        make_layer(
+          mode, residual, memory_efficient, bn_group_size=bn_group_size
+        ),
         x,
         lambda y: jnp.sum((y - target) ** 3),
       )

@@ -41,6 +41,11 @@ def run_main(workdir, *args):
       'config.lr_boundaries_epochs has 2; give one scale per boundary.',
     ),
     (['--config.eval_every_steps=-5'], 'error: config.eval_every_steps must'),
+    (
+      ['--config.bn_group_size=5'],
+      'error: config.bn_group_size=5 does not divide the 16 examples per '
+      'device (batch 16 on 1 device); use a divisor of 16, or 0.',
+    ),
   ],
 )
 def test_bad_config_is_one_line_and_touches_nothing(

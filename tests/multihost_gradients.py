@@ -29,6 +29,8 @@ CASES = {
   'gunn_mini': ('gunn_mini', {}),
   'sunn_mini': ('sunn_mini', {}),
   'gunn_mini_nores': ('gunn_mini', {'residual': False}),
+  # BatchNorm groups of 8: whole groups on each of 4 devices.
+  'gunn_mini_groups': ('gunn_mini', {'bn_group_size': 8}),
 }
 BATCH_SIZE, IMAGE_SHAPE, NUM_CLASSES = 32, (16, 16, 3), 10
 

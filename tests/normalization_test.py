@@ -56,12 +56,16 @@ def test_batch_moments_and_their_gradient():
   with jax.enable_x64(True):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 3, 5, 4)))
     mean, var = normalization.batch_moments(x)
-    np.testing.assert_allclose(mean, np.mean(x, (0, 1, 2)), rtol=1e-12)
-    np.testing.assert_allclose(var, np.var(x, (0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(mean, np.mean(x, (0, 1, 2))[None], rtol=1e-12)
+    np.testing.assert_allclose(var, np.var(x, (0, 1, 2))[None], rtol=1e-12)
+    mean, var = normalization.batch_moments(x, group_size=2)
+    groups = np.asarray(x).reshape(3, 2, 3, 5, 4)
+    np.testing.assert_allclose(mean, np.mean(groups, (1, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(var, np.var(groups, (1, 2, 3)), rtol=1e-12)
     weights = jnp.arange(4.0)
 
     def loss(x):
-      return jnp.sum(weights * jnp.sqrt(normalization.batch_moments(x)[1]))
+      return jnp.sum(weights * jnp.sqrt(normalization.batch_moments(x)[1][0]))
 
     def reference(x):
       return jnp.sum(weights * jnp.std(x, (0, 1, 2)))
@@ -123,3 +127,59 @@ def test_half_precision_output_and_float32_statistics():
     rtol=1e-5,
     atol=1e-7,
   )
+
+
+def group_reference(x, variables, group_size, momentum=0.9, epsilon=1e-5):
+  """Each group normalised with its own statistics, written out in numpy."""
+  groups = x.reshape(-1, group_size, *x.shape[1:])
+  axes = tuple(range(1, groups.ndim - 1))
+  mean, var = groups.mean(axes), groups.var(axes)  # [G, C]
+  expand = (slice(None),) + (None,) * (x.ndim - 1)
+  params, stats = variables['params'], variables['batch_stats']
+  y = (groups - mean[expand]) / np.sqrt(var[expand] + epsilon)
+  y = y * params['scale'] + params['bias']
+  return y.reshape(x.shape), {
+    'mean': momentum * stats['mean'] + (1 - momentum) * mean.mean(0),
+    'var': momentum * stats['var'] + (1 - momentum) * var.mean(0),
+  }
+
+
+@pytest.mark.parametrize('group_size', [1, 2, 3])
+def test_groups_are_normalised_on_their_own(group_size):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 3, 2, 4)) * rng.uniform(1, 3, (6, 1, 1, 1))
+    bn = normalization.BatchNorm(
+      use_running_average=False, dtype=jnp.float64, group_size=group_size
+    )
+    variables = jax.tree.map(
+      lambda v: v + rng.uniform(size=v.shape),
+      bn.init(jax.random.key(0), jnp.asarray(x)),
+    )
+    y, updates = bn.apply(variables, jnp.asarray(x), mutable=['batch_stats'])
+    y_ref, stats_ref = group_reference(x, variables, group_size)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-12)
+    for key in ('mean', 'var'):
+      np.testing.assert_allclose(
+        updates['batch_stats'][key], stats_ref[key], rtol=1e-10
+      )
+
+
+def test_one_group_of_the_whole_batch_is_plain_batch_norm():
+  x = jnp.asarray(wide_range((8, 4, 4, 5)) * 1e-3)
+  results = []
+  for group_size in (0, 8):
+    bn = normalization.BatchNorm(
+      use_running_average=False, group_size=group_size
+    )
+    variables = bn.init(jax.random.key(0), x)
+    results.append(bn.apply(variables, x, mutable=['batch_stats']))
+  jax.tree.map(np.testing.assert_array_equal, *results)
+
+
+def test_groups_must_divide_the_batch():
+  bn = normalization.BatchNorm(use_running_average=False, group_size=3)
+  with pytest.raises(
+    ValueError, match='groups of 3 do not divide a batch of 8'
+  ):
+    bn.init_with_output(jax.random.key(0), jnp.ones((8, 2, 2, 1)))
