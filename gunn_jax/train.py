@@ -134,8 +134,9 @@ def log_probabilities(
   logits = apply_fn(
     variables, images.reshape(-1, *images.shape[2:]), train=False
   )
-  probs = jax.nn.softmax(logits).reshape(*images.shape[:2], -1).mean(1)
-  return jnp.log(probs)
+  # log(mean over crops of softmax), without underflow to log(0).
+  log_probs = jax.nn.log_softmax(logits).reshape(*images.shape[:2], -1)
+  return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(images.shape[1])
 
 
 def eval_step(

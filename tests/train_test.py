@@ -152,6 +152,22 @@ def test_eval_step_averages_softmax_over_crops():
   assert int(sums['top1']) == 0 and int(sums['top5']) == 1
 
 
+def test_multi_crop_loss_stays_finite_for_confident_crops():
+  # Each crop puts all its mass on another class: the average is 1/2 on
+  # classes 0 and 1, although each crop's softmax underflows elsewhere.
+  crop_logits = np.array([[[300, 0, 0], [0, 300, 0]]], np.float32)
+  batch = {
+    'images': crop_logits[:, :, None, None, :],
+    'labels': np.array([1], np.int32),
+    'mask': np.ones(1),
+  }
+  sums = train.eval_step(_fake_state(_logits_from_images), batch)
+  assert float(sums['loss']) == pytest.approx(math.log(2), rel=1e-6)
+  batch['labels'] = np.array([2], np.int32)
+  loss = float(train.eval_step(_fake_state(_logits_from_images), batch)['loss'])
+  assert loss == pytest.approx(300, rel=1e-4)  # Not inf: log(0).
+
+
 def test_evaluate_reports_errors_in_percent():
   batches = [
     {'loss': 2.0, 'top1': 3, 'top5': 4, 'count': 4},
