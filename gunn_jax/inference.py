@@ -1,4 +1,4 @@
-"""Using trained models: predictions, features and snapshot ensembles.
+"""Using trained models: predictions, features, snapshot ensembles (Table 3).
 
 Everything here reads a training run's directory (its `config.json` and
 checkpoints) and works from a notebook without flags:
@@ -10,7 +10,7 @@ checkpoints) and works from a notebook without flags:
     model.features(model.preprocess(uint8_images)) # [N, D]
 
 `evaluate_ensemble` evaluates the snapshot ensemble of a run trained with
-`lr_schedule='snapshot'` (Huang et al. 2017; FACTS.md section 7): the
+`lr_schedule='snapshot'` (Huang et al. 2017; `docs/paper.md`): the
 average of the softmax outputs of its last m end-of-cycle checkpoints.
 """
 

@@ -1,4 +1,4 @@
-"""Per-process input pipelines: TFDS CIFAR/ImageNet, image folders, digits.
+"""Per-process input pipelines (paper section 6.1): CIFAR, ImageNet, folders.
 
 `config.dataset` names the data (see `datasets.py`).
 

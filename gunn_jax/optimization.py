@@ -1,4 +1,4 @@
-"""The paper's optimisation recipe (FACTS.md section 6) as optax objects.
+"""The paper's optimisation recipe (section 6.2, `docs/paper.md`) as optax.
 
 SGD with Nesterov momentum and coupled weight decay, and the learning-rate
 schedules: step decay at epoch boundaries (CIFAR: x0.1 at 50% and 75%;
@@ -42,7 +42,7 @@ def create_learning_rate_fn(
   """Returns the learning rate as a function of the step (0-based).
 
   'step': `learning_rate * lr_scales[i]` from `lr_boundaries_epochs[i]` on.
-  'snapshot' (Huang et al. 2017, FACTS.md section 7): with T steps and M
+  'snapshot' (Huang et al. 2017, `docs/paper.md`): with T steps and M
   cycles of C = ceil(T / M) steps,
   lr(s) = learning_rate / 2 * (cos(pi * (s mod C) / C) + 1).
   """

@@ -1,4 +1,4 @@
-"""Per-example image preprocessing of FACTS.md section 5, in TensorFlow.
+"""Per-example image preprocessing (paper section 6.1, `docs/paper.md`), in TF.
 
 Every random choice is a stateless TF op keyed by an explicit `rng` (an int64
 tensor of shape [2]), so the augmentation of an example is a pure function of
@@ -16,7 +16,7 @@ resizes the shorter side and takes the centre crop (or ten crops).
 
 import tensorflow as tf
 
-# Per-channel statistics on the 0..255 scale (FACTS.md section 5).
+# Per-channel statistics on the 0..255 scale (the authors' dataset files).
 CIFAR_STATS = {
   'cifar10': ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
   'cifar100': ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
@@ -148,7 +148,7 @@ def flip_crop_roll(images, params, pad: int) -> tf.Tensor:
 def cifar_train(images, rng, slots, *, batch_size, mean, std, pad, roll):
   """CIFAR-style training augmentation of uint8 [b, H, W, C] images.
 
-  In FACTS.md order: normalise, mirror (p=1/2), zero-pad (after normalising)
+  In the authors' order: normalise, mirror (p=1/2), zero-pad (after normalising)
   and random crop, then the authors' roll (if `roll`).
 
   Args:

@@ -11,7 +11,7 @@ from clu import parameter_overview
 
 from gunn_jax import layers, models
 
-# FACTS.md section 3 (trainable parameters; SUNN and NoRes share GUNN's).
+# docs/paper.md (trainable parameters; SUNN and NoRes share GUNN's).
 PARAMETER_COUNTS = {
   ('gunn15', 10): 1_585_746,
   ('gunn15', 100): 1_618_236,
