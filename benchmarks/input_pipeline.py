@@ -40,13 +40,27 @@ def measure_train_throughput(config, num_batches=200, warmup=20) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--dataset', default='digits')
-  parser.add_argument('--batch_size', type=int, default=64)
-  parser.add_argument('--image_size', type=int, default=0)
-  parser.add_argument('--data_dir', default=None)
-  parser.add_argument('--folder_preprocessing', default='imagenet')
-  parser.add_argument('--num_batches', type=int, default=200)
-  parser.add_argument('--warmup', type=int, default=20)
+  parser.add_argument(
+    '--dataset', default='digits', help='A config.dataset value.'
+  )
+  parser.add_argument(
+    '--batch_size', type=int, default=64, help='Global batch size.'
+  )
+  parser.add_argument(
+    '--image_size', type=int, default=0, help='0: the dataset default.'
+  )
+  parser.add_argument('--data_dir', default=None, help='TFDS data dir.')
+  parser.add_argument(
+    '--folder_preprocessing',
+    default='imagenet',
+    help='Image folders: imagenet or cifar style.',
+  )
+  parser.add_argument(
+    '--num_batches', type=int, default=200, help='Batches timed.'
+  )
+  parser.add_argument(
+    '--warmup', type=int, default=20, help='Batches before timing.'
+  )
   args = parser.parse_args()
   config = base.get_config()
   config.dataset = args.dataset

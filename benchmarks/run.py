@@ -1,4 +1,4 @@
-"""Train-step benchmark of GUNN and SUNN networks (issue 8).
+"""Train-step benchmark of GUNN and SUNN networks (paper sections 3.4, 5).
 
   python -m benchmarks.run --models gunn15,sunn15 --batch_size 64 \
       --json out.json
@@ -246,16 +246,40 @@ def _names(text):
 def main(argv=None) -> list[dict]:
   """Runs the benchmark; returns the records written to `--json`."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--models', type=_names, default=['gunn15'])
-  parser.add_argument('--variants', type=_names, default=list(VARIANTS))
-  parser.add_argument('--dtypes', type=_names, default=['float32'])
-  parser.add_argument('--batch_size', type=int, default=64)
+  parser.add_argument(
+    '--models',
+    type=_names,
+    default=['gunn15'],
+    help='Comma-separated registered networks.',
+  )
+  parser.add_argument(
+    '--variants',
+    type=_names,
+    default=list(VARIANTS),
+    help=f'Comma-separated, from {",".join(VARIANTS)}.',
+  )
+  parser.add_argument(
+    '--dtypes',
+    type=_names,
+    default=['float32'],
+    help='Activations: float32 and/or bfloat16.',
+  )
+  parser.add_argument(
+    '--batch_size', type=int, default=64, help='Global batch size.'
+  )
   parser.add_argument(
     '--image_size', type=int, default=0, help='0: 32 CIFAR, 224 ImageNet.'
   )
-  parser.add_argument('--steps', type=int, default=10)
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--input_image_size', type=int, default=32)
+  parser.add_argument('--steps', type=int, default=10, help='Steps timed.')
+  parser.add_argument(
+    '--warmup', type=int, default=2, help='Steps before timing.'
+  )
+  parser.add_argument(
+    '--input_image_size',
+    type=int,
+    default=32,
+    help='Image side of the input-pipeline record.',
+  )
   parser.add_argument(
     '--input_batches', type=int, default=200, help='0: skip the input record.'
   )

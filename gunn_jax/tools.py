@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
       default='latest',
       help="'latest', 'best' or a step.",
     )
-    command.add_argument('images', nargs='+', metavar='IMAGE')
+    command.add_argument(
+      'images', nargs='+', metavar='IMAGE', help='Image files (any size).'
+    )
     if name == 'classify':
       command.add_argument('--top', type=int, default=5, help='Classes.')
     else:
