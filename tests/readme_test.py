@@ -4,6 +4,7 @@ Every `python main.py` command in the README must name a config that loads
 and override only keys that exist. The commands of its code blocks that need
 no downloaded data (the quickstart, evaluation, tools, `python -c` snippets)
 run in order in a scratch directory, with tiny training settings appended.
+Its ```python snippets run as they are.
 """
 
 import importlib.util
@@ -13,6 +14,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -115,3 +117,28 @@ def test_short_commands_run_in_order(tmp_path):
     assert result.returncode == 0, f'{command}\n{result.stderr[-3000:]}'
   assert (tmp_path / 'runs' / 'features.npy').exists()
   assert (tmp_path / 'runs' / 'quickstart' / 'metrics.jsonl').exists()
+
+
+def python_snippets():
+  """The fenced ```python blocks, dedented."""
+  return [
+    textwrap.dedent(block)
+    for block in re.findall(r'^ *```python\n(.*?)^ *```', README, re.S | re.M)
+  ]
+
+
+@pytest.mark.parametrize('snippet', python_snippets())
+def test_python_snippets_run(snippet):
+  result = subprocess.run(
+    [sys.executable, '-c', snippet],
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_there_are_python_snippets():
+  assert python_snippets()
