@@ -53,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = -1  # Steps between evals; -1 = each epoch, 0 = end.
   config.checkpoint_every_steps = 1000  # Steps between checkpoints (+ evals).
   config.keep_checkpoints = 3  # Most recent checkpoints kept (+ the best).
+  config.diagnostics_every_steps = 0  # Steps between diagnostics; 0 = off.
+  config.diagnostics_num_images = 256  # Eval images for the diagnostics.
   config.profile_steps = 5  # Steps traced from step 10, then hourly; 0 = off.
   return config
 

@@ -1,4 +1,5 @@
-"""Using trained models: predictions, features, snapshot ensembles (Table 3).
+"""Using trained models: predictions, features, snapshot ensembles (Table 3),
+singularity diagnostics (section 4).
 
 Everything here reads a training run's directory (its `config.json` and
 checkpoints) and works from a notebook without flags:
@@ -12,6 +13,8 @@ checkpoints) and works from a notebook without flags:
 `evaluate_ensemble` evaluates the snapshot ensemble of a run trained with
 `lr_schedule='snapshot'` (Huang et al. 2017; `docs/paper.md`): the
 average of the softmax outputs of its last m end-of-cycle checkpoints.
+`diagnose_run` measures the overlap, elimination and linear dependence of the
+channels of a run's layers (`diagnostics.py`).
 """
 
 import dataclasses
@@ -26,6 +29,7 @@ import numpy as np
 
 from gunn_jax import (
   checkpointing,
+  diagnostics,
   input_pipeline,
   optimization,
   sharding,
@@ -326,3 +330,70 @@ def evaluate_ensemble(workdir: str, num_snapshots: int | None = None) -> dict:
     'ensemble': {'num_snapshots': num_snapshots, **results['ensemble']},
     'num_examples': results['num_examples'],
   }
+
+
+def diagnose_run(
+  workdir: str,
+  checkpoint: str | int = 'latest',
+  num_images: int = 512,
+  hessian: bool = False,
+  hessian_iterations: int = 30,
+  hessian_probes: int = 2,
+) -> dict:
+  """Singularity diagnostics of a run's checkpoint (`diagnostics.py`).
+
+  Activations come from the first `num_images` images of the run's
+  evaluation split; the Hessian is that of the training loss
+  (`train.training_loss`) on the run's first training batch.
+
+  Args:
+    workdir: the run's directory.
+    checkpoint: 'latest', 'best' or a step.
+    num_images: evaluation images used (at most the split's size).
+    hessian: also estimate the Hessian's spectrum (minutes for gunn_mini on
+      a CPU; `diagnostics.hessian_spectrum`).
+    hessian_iterations: Lanczos steps per probe vector.
+    hessian_probes: probe vectors averaged.
+
+  Returns:
+    'workdir', 'model', 'step', 'layers' (one dict per layer,
+    `diagnostics.diagnose`) and, with `hessian`, 'hessian'.
+
+  Raises:
+    UserError: for a workdir without config.json or checkpoint, a model
+      without GUNN layers, or too few images.
+  """
+  if num_images < 1:
+    raise UserError(f'num_images must be positive, got {num_images}.')
+  config = checkpointing.load_config(workdir)
+  experiment = train.create_experiment(config)
+  state = train.restore_checkpoint(experiment, workdir, checkpoint)
+  model = train.create_model(config, experiment.info.num_classes)
+  batches = sharding.global_batches(
+    input_pipeline.create_eval_iterable(config),
+    experiment.mesh,
+    config.prefetch_batches,
+  )
+  layers = diagnostics.diagnose(
+    model, _variables(state), batches, num_images, experiment.mesh
+  )
+  result = {
+    'workdir': workdir,
+    'model': config.model,
+    'step': int(state.step),
+    'layers': layers,
+  }
+  if hessian:
+    (batch,) = sharding.global_batches(
+      [next(input_pipeline.create_train_iterator(config))], experiment.mesh, 0
+    )
+    result['hessian'] = diagnostics.hessian_spectrum(
+      lambda params: train.training_loss(
+        model.apply, params, state.batch_stats, batch
+      )[0],
+      state.params,
+      hessian_iterations,
+      hessian_probes,
+      seed=config.seed,
+    )
+  return result

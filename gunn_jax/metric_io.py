@@ -1,11 +1,13 @@
 """Metric writers: TensorBoard and logs (clu) plus `workdir/metrics.jsonl`.
 
-Scalars are written with a `train_` or `eval_` prefix (`train_loss`,
-`eval_top1_error`). `metrics.jsonl` receives every written scalar set as one
-JSON object per line, the prefix moved into a `split` field:
+Scalars are written with a `train_`, `eval_` or `diagnostics_` prefix
+(`train_loss`, `eval_top1_error`). `metrics.jsonl` receives every written
+scalar set as one JSON object per line, the prefix moved into a `split`
+field:
 
     {"step": 500, "split": "train", "loss": 0.31, "accuracy": 0.9, ...}
     {"step": 500, "split": "eval", "loss": 0.2, "top1_error": 5.6, ...}
+    {"step": 500, "split": "diagnostics", "stage1_gunn/within_mean_abs_r": ...}
 
 Sets without a prefix (steps/s from `ReportProgress`) count as 'train'. Only
 process 0 writes files.
@@ -22,7 +24,7 @@ from clu import metric_writers
 from etils import epath
 
 METRICS_FILE = 'metrics.jsonl'
-_SPLITS = ('train', 'eval')
+_SPLITS = ('train', 'eval', 'diagnostics')
 
 
 def _to_json_value(value: Any) -> Any:

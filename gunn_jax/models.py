@@ -73,8 +73,10 @@ class GUNNNet(nn.Module):
       train: batch statistics (and their running averages) when True.
 
     Returns:
-      logits: [B, num_classes] float32. The pooled features before the
-      classifier, [B, final width], are sown as ('intermediates', 'features').
+      logits: [B, num_classes] float32. Sown into 'intermediates' (kept only
+      with `mutable=['intermediates']`): the pooled features before the
+      classifier, [B, final width], as 'features', and the output of every
+      transition and GUNN layer as 'NAME_output' (`diagnostics.py`).
     """
     if len(self.widths) != len(self.segments):
       raise ValueError('GUNNNet: widths and segments differ in length.')
@@ -91,7 +93,9 @@ class GUNNNet(nn.Module):
 
     def transition(x, features, name):
       x = layers.conv1x1(features, self.dtype, f'{name}_conv')(x)
-      return nn.relu(norm(f'{name}_bn')(x))
+      x = nn.relu(norm(f'{name}_bn')(x))
+      self.sow('intermediates', f'{name}_output', x)
+      return x
 
     x = images.astype(self.dtype)
     if self.imagenet_stem:
@@ -127,6 +131,7 @@ class GUNNNet(nn.Module):
         self.memory_efficient,
         name=f'stage{stage + 1}_gunn',
       )(x, train)
+      self.sow('intermediates', f'stage{stage + 1}_gunn_output', x)
       if self.imagenet_stem and stage < len(self.widths) - 1:
         x = nn.avg_pool(x, (2, 2), (2, 2))
 
@@ -198,6 +203,7 @@ MODELS = {
   'wide_sunn18': dict(_WIDE_IMAGENET18, **_SIMULTANEOUS),
   'gunn_mini': _MINI,
   'sunn_mini': dict(_MINI, **_SIMULTANEOUS),
+  'gunn_mini_nores': dict(_MINI, **_NO_RESIDUAL),
   'gunn_tiny': _TINY,
   'sunn_tiny': dict(_TINY, **_SIMULTANEOUS),
 }

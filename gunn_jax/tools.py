@@ -1,25 +1,33 @@
-"""Command line for trained models: classify, features, ensemble.
+"""Command line for trained models: classify, features, ensemble, diagnostics.
 
     python -m gunn_jax.tools classify --workdir=W [--checkpoint=best] IMAGE...
     python -m gunn_jax.tools features --workdir=W --output=F.npy IMAGE...
     python -m gunn_jax.tools ensemble --workdir=W [--num_snapshots=M]
+    python -m gunn_jax.tools singularities --workdir=W [--checkpoint=best]
+        [--num_images=512] [--hessian] [--compare W2 W3 ...] [--figure=F.png]
 
 `classify` prints each image's path, then its top-5 classes as lines
 `  PROBABILITY  CLASS`, most probable first. `features` saves the
 global-pooled features [N, D] as a `.npy` file, in the order of the images.
 `ensemble` prints JSON lines: one per snapshot, then the ensemble's.
+`singularities` prints one JSON line per layer of each run (the numbers of
+`gunn_jax.diagnostics`, with 'workdir', 'model' and 'step'), with `--hessian`
+one more line per run, and writes a figure (default: `singularities.png` in
+the run's workdir; with `--compare`, in the current directory) comparing the
+runs.
 Evaluation (single-crop or ten-crop) is `main.py --mode=eval`. A
 `UserError` prints one `error:` line and exits with status 2.
 """
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
 from PIL import Image
 
-from gunn_jax import inference
+from gunn_jax import diagnostics, inference
 from gunn_jax.errors import UserError
 
 
@@ -64,6 +72,69 @@ def _ensemble(args) -> None:
   )
 
 
+def _singularities(args) -> None:
+  workdirs = ([args.workdir] if args.workdir else []) + (args.compare or [])
+  if not workdirs:
+    raise UserError('Give --workdir=RUN, or --compare RUN_A RUN_B ...')
+  figure = args.figure or (
+    os.path.join(workdirs[0], 'singularities.png')
+    if len(workdirs) == 1
+    else 'singularities_compare.png'
+  )
+  runs = {}
+  for workdir in workdirs:
+    result = inference.diagnose_run(
+      workdir, args.checkpoint, args.num_images, args.hessian
+    )
+    run = {key: result[key] for key in ('workdir', 'model', 'step')}
+    for layer in result['layers']:
+      print(json.dumps({**run, **layer}))
+    if args.hessian:
+      print(json.dumps({**run, 'hessian': result['hessian']}))
+    label = f'{result["model"]} ({os.path.basename(os.path.normpath(workdir))})'
+    runs[label] = result['layers']
+  try:
+    diagnostics.plot(runs, figure)
+  except OSError as e:
+    raise UserError(f'Cannot write the figure {figure}: {e}') from e
+  print(f'Wrote {figure}.', file=sys.stderr)
+
+
+def _add_singularities(commands) -> None:
+  command = commands.add_parser(
+    'singularities',
+    help='Overlap, elimination and linear dependence of the channels.',
+  )
+  command.set_defaults(fn=_singularities)
+  command.add_argument('--workdir', help='The training run directory.')
+  command.add_argument(
+    '--compare',
+    nargs='+',
+    metavar='RUN',
+    help='More run directories (e.g. GUNN, SUNN, NoRes) on one figure.',
+  )
+  command.add_argument(
+    '--checkpoint',
+    type=_checkpoint,
+    default='latest',
+    help="'latest', 'best' or a step (of every run).",
+  )
+  command.add_argument(
+    '--num_images',
+    type=int,
+    default=512,
+    help='Evaluation images whose activations are used.',
+  )
+  command.add_argument(
+    '--hessian',
+    action='store_true',
+    help="Also estimate the training loss Hessian's spectrum (minutes).",
+  )
+  command.add_argument(
+    '--figure', help='The PNG file (default: see the module docstring).'
+  )
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog='python -m gunn_jax.tools', description=__doc__.split('\n')[0]
@@ -97,6 +168,7 @@ def _parser() -> argparse.ArgumentParser:
       command.add_argument('--top', type=int, default=5, help='Classes.')
     else:
       command.add_argument('--output', required=True, help='The .npy file.')
+  _add_singularities(commands)
   return parser
 
 

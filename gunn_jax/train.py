@@ -32,6 +32,7 @@ from flax.training import train_state
 from gunn_jax import (
   checkpointing,
   datasets,
+  diagnostics,
   input_pipeline,
   metric_io,
   models,
@@ -81,11 +82,30 @@ def create_train_state(model, tx, image_shape, rng) -> TrainState:
   )
 
 
-def compute_gradients(state: TrainState, batch: dict[str, jax.Array]):
-  """The training loss and its gradients on a (global) batch.
+def training_loss(
+  apply_fn: Callable, params, batch_stats, batch: dict[str, jax.Array]
+):
+  """The mean softmax cross-entropy of the model in training mode.
 
-  The loss is the mean softmax cross-entropy of the model in training mode
-  (BatchNorm on the batch's statistics).
+  BatchNorm uses the batch's statistics.
+
+  Returns:
+    (loss, (logits [B, num_classes], the updated BatchNorm running averages)).
+  """
+  logits, updates = apply_fn(
+    {'params': params, 'batch_stats': batch_stats},
+    batch['images'],
+    train=True,
+    mutable=['batch_stats'],
+  )
+  loss = optax.softmax_cross_entropy_with_integer_labels(
+    logits, batch['labels']
+  ).mean()
+  return loss, (logits, updates['batch_stats'])
+
+
+def compute_gradients(state: TrainState, batch: dict[str, jax.Array]):
+  """The training loss (`training_loss`) and its gradients on a batch.
 
   Returns:
     (grads, (loss, logits, batch_stats)): gradients w.r.t. `state.params`;
@@ -94,16 +114,10 @@ def compute_gradients(state: TrainState, batch: dict[str, jax.Array]):
   """
 
   def loss_fn(params):
-    logits, updates = state.apply_fn(
-      {'params': params, 'batch_stats': state.batch_stats},
-      batch['images'],
-      train=True,
-      mutable=['batch_stats'],
+    loss, (logits, batch_stats) = training_loss(
+      state.apply_fn, params, state.batch_stats, batch
     )
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-      logits, batch['labels']
-    ).mean()
-    return loss, (loss, logits, updates['batch_stats'])
+    return loss, (loss, logits, batch_stats)
 
   return jax.grad(loss_fn, has_aux=True)(state.params)
 
@@ -216,6 +230,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     problems.append('set config.num_epochs or config.num_train_steps > 0')
+  if config.get('diagnostics_every_steps', 0) < 0:
+    problems.append('config.diagnostics_every_steps must be >= 0 (0 = off)')
+  if config.get('diagnostics_num_images', 1) < 1:
+    problems.append('config.diagnostics_num_images must be positive')
   if config.eval_every_steps < -1:
     problems.append(
       'config.eval_every_steps must be > 0, -1 (each epoch) '
@@ -337,10 +355,13 @@ def restore_train_state(
     UserError: for a bad config, a missing checkpoint or one that does not
       fit the configured model.
   """
-  return _restore(create_experiment(config), workdir, which)
+  return restore_checkpoint(create_experiment(config), workdir, which)
 
 
-def _restore(experiment: Experiment, workdir: str, which: str | int):
+def restore_checkpoint(
+  experiment: Experiment, workdir: str, which: str | int
+) -> TrainState:
+  """Restores checkpoint `which` of `workdir` (see `restore_train_state`)."""
   manager = checkpointing.create_manager(workdir, read_only=True)
   try:
     step = checkpointing.select_step(manager, which)
@@ -358,7 +379,7 @@ def evaluate_checkpoint(
     `step` and the metrics of `evaluate`.
   """
   experiment = create_experiment(config)
-  state = _restore(experiment, workdir, which)
+  state = restore_checkpoint(experiment, workdir, which)
   eval_iterable = input_pipeline.create_eval_iterable(config)
   results = evaluate(
     experiment.eval_step,
@@ -387,6 +408,54 @@ def _check_finite(
     )
 
 
+def _diagnostics_fn(
+  config: ml_collections.ConfigDict, experiment: Experiment
+) -> Callable | None:
+  """`diagnose(state, eval_iterable)` -> 'diagnostics_' scalars, or None.
+
+  With `config.diagnostics_every_steps`, the overlap and effective
+  dimensionality of every layer (`diagnostics.training_scalars`) on the
+  first `config.diagnostics_num_images` evaluation images.
+
+  Raises:
+    UserError: if those images are too few for the model's layers.
+  """
+  if not config.get('diagnostics_every_steps', 0):
+    return None
+  model = create_model(config, experiment.info.num_classes)
+  abstract = experiment.abstract_state
+  variables = {'params': abstract.params, 'batch_stats': abstract.batch_stats}
+  needed = diagnostics.minimum_images(
+    model, variables, experiment.info.image_shape
+  )
+  available = min(
+    config.diagnostics_num_images, experiment.info.num_eval_examples
+  )
+  if available < needed:
+    raise UserError(
+      f'config.diagnostics_num_images={config.diagnostics_num_images} '
+      f'({experiment.info.num_eval_examples} evaluation images) gives too '
+      f'few samples for {config.model}; use at least {needed}.'
+    )
+
+  def diagnose(state: TrainState, eval_iterable) -> dict:
+    results = diagnostics.diagnose(
+      model,
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      sharding.global_batches(
+        eval_iterable, experiment.mesh, config.prefetch_batches
+      ),
+      config.diagnostics_num_images,
+      experiment.mesh,
+    )
+    return {
+      f'diagnostics_{key}': value
+      for key, value in diagnostics.training_scalars(results).items()
+    }
+
+  return diagnose
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str
 ) -> TrainState:
@@ -406,6 +475,7 @@ def train_and_evaluate(
   experiment = create_experiment(config)
   info, mesh = experiment.info, experiment.mesh
   num_steps = experiment.num_train_steps
+  diagnose = _diagnostics_fn(config, experiment)
   checkpointing.ensure_writable(workdir)
   steps_per_epoch = optimization.steps_for_epochs(
     1, info.num_train_examples, config.batch_size
@@ -468,6 +538,8 @@ def train_and_evaluate(
         )
       )
 
+    if diagnose and initial_step == 0:
+      writer.write_scalars(0, diagnose(state, eval_iterable))
     train_metrics, interval_start = None, initial_step + 1
     for step in range(initial_step + 1, num_steps + 1):
       # `step` counts the steps done once this iteration ends.
@@ -512,6 +584,8 @@ def train_and_evaluate(
         writer.write_scalars(
           step, {f'eval_{k}': v for k, v in eval_results.items()}
         )
+      if diagnose and (last or step % config.diagnostics_every_steps == 0):
+        writer.write_scalars(step, diagnose(state, eval_iterable))
       if do_save:
         checkpointing.save(manager, step, state, eval_results)
         last_checkpoint = step

@@ -28,7 +28,7 @@ TWINS = {
   'sunn18': 'gunn18',
   'wide_sunn18': 'wide_gunn18',
 }
-SMALL = {'gunn_mini', 'sunn_mini', 'gunn_tiny', 'sunn_tiny'}
+SMALL = {'gunn_mini', 'sunn_mini', 'gunn_mini_nores', 'gunn_tiny', 'sunn_tiny'}
 
 
 def input_size(name):
