@@ -49,7 +49,7 @@ def test_every_cited_repository_path_exists():
   """`docs/...`, `benchmarks/...` and friends named anywhere exist."""
   cited = re.compile(
     r'(?<![\w/.])((?:docs|benchmarks|configs|gunn_jax|tests|notebooks)/'
-    r'[\w./-]+\.(?:md|py|ipynb))'
+    r'[\w./-]+\.(?:md|py|ipynb|png))'
   )
   missing = sorted(
     {
@@ -68,6 +68,7 @@ def test_every_cited_repository_path_exists():
   + [
     os.path.join('docs', name)
     for name in sorted(os.listdir(os.path.join(REPO_ROOT, 'docs')))
+    if name.endswith('.md')
   ],
 )
 def test_relative_links_resolve(page):

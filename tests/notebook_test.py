@@ -31,10 +31,14 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     for out in cell.outputs
   ]
   images = [out for out in outputs if 'image/png' in out.get('data', {})]
-  assert len(images) == 3  # The update order, the curves, the digits.
+  # The update order, the curves, the diagnostics figure, PR / N during
+  # training, the digits.
+  assert len(images) == 5
   text = ''.join(out.get('text', '') for out in outputs)
   assert 'total' in text and '1,585,746' in text
-  for name in ('gunn_mini', 'sunn_mini'):
+  for name in ('gunn_mini', 'sunn_mini', 'gunn_mini_nores'):
     assert f'{name}: final test error' in text
     assert (tmp_path / name / 'metrics.jsonl').exists()
+    assert f'{"stage3_gunn":18} {name}' in text  # The diagnostics table.
+  assert (tmp_path / 'singularities.png').exists()
   assert os.path.exists(tmp_path / 'gunn_mini' / 'checkpoints')

@@ -116,6 +116,8 @@ def test_short_commands_run_in_order(tmp_path):
     )
     assert result.returncode == 0, f'{command}\n{result.stderr[-3000:]}'
   assert (tmp_path / 'runs' / 'features.npy').exists()
+  assert (tmp_path / 'runs' / 'quickstart' / 'singularities.png').exists()
+  assert (tmp_path / 'runs' / 'gunn_vs_sunn.png').exists()
   assert (tmp_path / 'runs' / 'quickstart' / 'metrics.jsonl').exists()
 
 
