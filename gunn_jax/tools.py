@@ -92,6 +92,8 @@ def _singularities(args) -> None:
     if args.hessian:
       print(json.dumps({**run, 'hessian': result['hessian']}))
     label = f'{result["model"]} ({os.path.basename(os.path.normpath(workdir))})'
+    if label in runs:  # Runs of one model in folders of the same name.
+      label = f'{result["model"]} ({workdir})'
     runs[label] = result['layers']
   try:
     diagnostics.plot(runs, figure)
