@@ -142,6 +142,20 @@ def _batch_moments(
   return moments
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled_moments(
+  model: nn.Module, names: tuple[str, ...], mesh: jax.sharding.Mesh | None
+):
+  """The jitted `_batch_moments` of a network, built once.
+
+  Diagnostics repeated during training reuse its compilation.
+  """
+  return jax.jit(
+    functools.partial(_batch_moments, model, names),
+    out_shardings=None if mesh is None else sharding.replicated(mesh),
+  )
+
+
 def _merge(total: dict | None, batch: dict) -> dict:
   """Chan et al.'s pairwise update of count, mean and scatter, in float64."""
   batch = {k: np.asarray(v, np.float64) for k, v in batch.items()}
@@ -184,12 +198,8 @@ def activation_moments(
     Per layer name: 'count' (samples = images x positions), 'mean' [C],
     'covariance' [C, C] and 'zero_fraction' [C], float64; and 'num_images'.
   """
-  names = [layer.name for layer in layers]
-  out_shardings = None if mesh is None else sharding.replicated(mesh)
-  step = jax.jit(
-    functools.partial(_batch_moments, model, names),
-    out_shardings=out_shardings,
-  )
+  names = tuple(layer.name for layer in layers)
+  step = _compiled_moments(model, names, mesh)
   totals = dict.fromkeys(names)
   seen = 0
   for batch in batches:
