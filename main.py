@@ -1,20 +1,31 @@
 """Trains or evaluates a GUNN classifier (see README.md for examples).
 
 Rerunning a training command resumes from the latest checkpoint in workdir.
-A `UserError` prints one `error:` line and exits with status 2.
+`--mode=eval` and the tools use the run's saved `WORKDIR/config.json`, with
+`--config.KEY=VALUE` overrides on top (`gunn_jax/runs.py`). The console
+shows this project's lines; `--verbosity=0` (or higher) brings back every
+library's full log. A `UserError` prints one `error:` line and exits with
+status 2.
 """
 
 import json
-import logging as std_logging
+import os
 import sys
 
-import jax
-import tensorflow as tf
-from absl import app, flags, logging
-from ml_collections import config_flags
+from gunn_jax import log_setup
 
-from gunn_jax import distributed, train
-from gunn_jax.errors import UserError
+_QUIET = not log_setup.verbose_requested(sys.argv)
+if _QUIET:  # TensorFlow's C++ INFO lines; its import banner: see log_setup.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+with log_setup.native_stderr_silenced(_QUIET):
+  import tensorflow as tf
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from gunn_jax import distributed, runs, train  # noqa: E402
+from gunn_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Training configuration file.', lock_config=True
@@ -25,6 +36,11 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to do.')
 _CHECKPOINT = flags.DEFINE_enum(
   'checkpoint', 'latest', ['latest', 'best'], 'Checkpoint that eval uses.'
+)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+  'allow_config_change',
+  False,
+  'Resume even if model, data or schedule differ from the saved config.',
 )
 _COORDINATOR = flags.DEFINE_string(
   'coordinator_address', None, 'Multi-process: HOST:PORT of process 0.'
@@ -38,16 +54,22 @@ _PROCESS_ID = flags.DEFINE_integer(
 _PEER_TIMEOUT = flags.DEFINE_integer(
   'peer_timeout_s', 100, 'Multi-process: seconds until a dead peer ends all.'
 )
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flag_as_required('workdir')
+
+
+def _eval_config():
+  """The run's saved config with the command line's `--config.` overrides."""
+  overrides = {}
+  if _CONFIG.value is not None:
+    overrides = config_flags.get_override_values(flags.FLAGS['config'])
+  return runs.apply_overrides(runs.load_config(_WORKDIR.value), overrides)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
-  # Orbax logs every save step by step at INFO; keep its warnings only.
-  logging.get_absl_logger().addFilter(
-    lambda r: r.levelno >= std_logging.WARNING or '/orbax/' not in r.pathname
-  )
+  if not flags.FLAGS['verbosity'].present:
+    log_setup.console_only()
   try:
     # Before any other JAX call; see distributed.py for flags, environment
     # variables and cluster detection.
@@ -59,15 +81,19 @@ def main(argv):
     )
     # TensorFlow only feeds the input pipeline; JAX owns the accelerators.
     tf.config.set_visible_devices([], 'GPU')
-    logging.info(
+    logging.debug(
       'JAX process %d of %d; devices: %s',
       *(jax.process_index(), jax.process_count(), jax.devices()),
     )
     if _MODE.value == 'train':
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      if _CONFIG.value is None:
+        raise UserError('Training needs --config=CONFIG_FILE.')
+      train.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value
+      )
     else:
       results = train.evaluate_checkpoint(
-        _CONFIG.value, _WORKDIR.value, _CHECKPOINT.value
+        _eval_config(), _WORKDIR.value, _CHECKPOINT.value
       )
       print(json.dumps({'checkpoint': _CHECKPOINT.value, **results}))
   except UserError as e:

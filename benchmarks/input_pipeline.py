@@ -52,8 +52,8 @@ def main():
   parser.add_argument('--data_dir', default=None, help='TFDS data dir.')
   parser.add_argument(
     '--folder_preprocessing',
-    default='imagenet',
-    help='Image folders: imagenet or cifar style.',
+    default='auto',
+    help='Image folders: auto (from the image sizes), imagenet or cifar.',
   )
   parser.add_argument(
     '--num_batches', type=int, default=200, help='Batches timed.'

@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = 'cifar10'  # cifar10|cifar100|imagenet2012|digits|folder:DIR
   config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir.
   config.image_size = 0  # Side in pixels; 0 = the dataset's default.
-  config.folder_preprocessing = 'imagenet'  # 'imagenet' or 'cifar' (folders).
+  config.folder_preprocessing = 'auto'  # Folders: 'auto', 'cifar', 'imagenet'.
+  config.folder_val_fraction = 0.1  # Held out of train if a folder has no val.
+  config.folder_max_unreadable = 0.05  # Most undecodable images per split.
   config.roll_augmentation = True  # Authors' cyclic roll (CIFAR-style data).
   config.ten_crop = False  # Ten-crop evaluation (ImageNet-style data).
   config.cache = True  # Decode a CIFAR-style image folder into memory once.

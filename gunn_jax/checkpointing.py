@@ -10,7 +10,6 @@ next manager deletes. On pods, `workdir` must be storage every host can see
 (e.g. `gs://...`); orbax coordinates the hosts' writes.
 """
 
-import json
 import os
 import signal
 import threading
@@ -19,7 +18,6 @@ from typing import Any, Sequence
 
 import flax
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -28,8 +26,18 @@ from gunn_jax.errors import UserError
 
 # The metric that ranks checkpoints for `which='best'`.
 BEST_METRIC = 'top1_error'
-# The run's config, written by `train.train_and_evaluate`.
-CONFIG_FILE = 'config.json'
+
+
+# Orbax warnings about what this module does on purpose: saves between
+# evaluations have no metrics (`save`), read-only managers are read-only.
+_EXPECTED_WARNINGS = ('did not provide metrics', 'Given directory is read only')
+
+
+def _drop_expected_warnings(record) -> bool:
+  return not any(text in record.getMessage() for text in _EXPECTED_WARNINGS)
+
+
+logging.get_absl_logger().addFilter(_drop_expected_warnings)
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -38,6 +46,17 @@ def checkpoint_dir(workdir: str) -> epath.Path:
     # Orbax refuses relative paths (e.g. --workdir=runs/quickstart).
     workdir = os.path.abspath(workdir)
   return epath.Path(workdir) / 'checkpoints'
+
+
+def latest_step(workdir: str) -> int | None:
+  """The step of the latest checkpoint in `workdir`, or None."""
+  if not checkpoint_dir(workdir).exists():
+    return None
+  manager = create_manager(workdir, read_only=True)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
 
 
 def ensure_writable(workdir: str) -> None:
@@ -89,6 +108,7 @@ def create_manager(
   options = ocp.CheckpointManagerOptions(
     best_fn=lambda metrics: metrics[BEST_METRIC],
     best_mode='min',
+    save_interval_steps=0 if read_only else 1,
     preservation_policy=None if read_only else policy,
     cleanup_tmp_directories=not read_only,
     create=not read_only,
@@ -241,20 +261,6 @@ def initialize_from(
   )
   logging.info('Initialised from %s, step %d.', workdir, step)
   return state.replace(**merged)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """Returns the config a run was trained with (`workdir/config.json`).
-
-  Raises:
-    UserError: if `workdir` has no config.json.
-  """
-  path = epath.Path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise UserError(
-      f'No {CONFIG_FILE} in {workdir}; give the --workdir of a training run.'
-    )
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 class PreemptionNotice:

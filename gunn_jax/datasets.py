@@ -3,11 +3,14 @@
 `config.dataset` is one of
   * `cifar10`, `cifar100`, `imagenet2012`: TFDS datasets prepared in
     `config.data_dir` (TFDS's default when unset); nothing is downloaded.
-  * `folder:ROOT`: `ROOT/train/<class>/*` and `ROOT/val/<class>/*` (JPEG or
-    PNG, any size); classes sorted by name are the label ids.
-    `config.folder_preprocessing` picks ImageNet-style or CIFAR-style
-    preprocessing; CIFAR-style folders are resized to `image_size` and
-    normalised with the ImageNet statistics on the 0..255 scale.
+  * `folder:ROOT`: a folder of images in class folders (`folders.py`: the
+    layouts, which files count, how unreadable ones are skipped). With
+    `config.folder_preprocessing='auto'` (the default) the images' median
+    size picks CIFAR-style preprocessing at their own size (rounded up to a
+    multiple of 8) for small images and ImageNet-style at 224 otherwise
+    (`folders.choose_preprocessing`); the run logs what it chose and why.
+    CIFAR-style folders are normalised with the ImageNet statistics on the
+    0..255 scale.
   * `digits`: scikit-learn's 1,797 handwritten 8x8 digits (0..16 scaled to
     0..255), resized to `image_size` (default 16) RGB. Fixed split: in file
     order, the k-th image of each class (k = 0, 1, ...) is a test image iff
@@ -15,9 +18,12 @@
     preprocessing with the training split's mean/std and padding
     image_size // 8.
 
+`get_dataset_info` says what a model and inference need to know (saved in
+a run's workdir, `workdir.py`); `load_split` and `decode` give the examples.
 The input pipelines (`input_pipeline.py`) turn these into batches.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -25,8 +31,9 @@ import os
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
-from gunn_jax import errors, preprocessing
+from gunn_jax import errors, folders, preprocessing
 
 # TensorFlow only feeds the host; JAX owns the accelerators.
 tf.config.set_visible_devices([], 'GPU')
@@ -37,28 +44,57 @@ TFDS_SPLITS = {
   'imagenet2012': ('train', 'validation'),
 }
 _FOLDER_PREFIX = 'folder:'
-_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 _DEFAULT_SIZE = {'cifar': 32, 'imagenet': 224, 'digits': 16}
 _DIGITS_TEST_EVERY = 5
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What the model and the training loop need to know about a dataset.
+  """What the model, the training loop and inference know about a dataset.
 
   Attributes:
-    num_classes: number of labels.
+    name: `config.dataset`.
+    style: preprocessing, 'cifar' or 'imagenet' (`preprocessing.py`).
+    image_size: side of the square model inputs in pixels.
+    class_names: label names, indexed by label id.
     num_train_examples: size of the whole training split (all processes).
     num_eval_examples: examples evaluated (whole split or max_eval_examples).
-    image_shape: (H, W, C) of the model inputs.
-    class_names: label names, indexed by label id.
+    mean, std: CIFAR-style per-channel normalisation on the 0..255 scale
+      (ImageNet-style data uses `preprocessing.IMAGENET_MEAN/STD`).
   """
 
-  num_classes: int
+  name: str
+  style: str
+  image_size: int
+  class_names: tuple[str, ...]
   num_train_examples: int
   num_eval_examples: int
-  image_shape: tuple[int, int, int]
-  class_names: tuple[str, ...]
+  mean: tuple[float, ...] = ()
+  std: tuple[float, ...] = ()
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the model inputs."""
+    return (self.image_size, self.image_size, 3)
+
+  @property
+  def kind(self) -> str:
+    """'tfds', 'folder' or 'digits'."""
+    if self.name.startswith(_FOLDER_PREFIX):
+      return 'folder'
+    return 'digits' if self.name == 'digits' else 'tfds'
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, values: dict) -> 'DatasetInfo':
+    tuples = ('class_names', 'mean', 'std')
+    return cls(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,57 +105,26 @@ class Split:
   labels: np.ndarray
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """The resolved `config.dataset`: kind, style, input size and statistics."""
-
-  kind: str  # 'tfds', 'folder' or 'digits'.
-  name: str  # TFDS name, folder root or 'digits'.
-  style: str  # 'cifar' or 'imagenet'.
-  image_size: int
-
-  @property
-  def pad(self) -> int:
-    return self.image_size // 8
+def _folder_root(config) -> str:
+  return config.dataset[len(_FOLDER_PREFIX) :]
 
 
-def resolve(config) -> Spec:
-  """Validates the dataset keys of `config`."""
-  dataset = config.dataset
-  if dataset in TFDS_SPLITS:
-    kind, name = 'tfds', dataset
-    style = 'imagenet' if dataset == 'imagenet2012' else 'cifar'
-  elif dataset == 'digits':
-    kind, name, style = 'digits', dataset, 'cifar'
-  elif dataset.startswith(_FOLDER_PREFIX):
-    kind, name = 'folder', dataset[len(_FOLDER_PREFIX) :]
-    style = config.folder_preprocessing
-    if style not in ('imagenet', 'cifar'):
-      raise errors.UserError(
-        f'folder_preprocessing must be "imagenet" or "cifar", got {style!r}.'
-      )
-  else:
-    raise errors.UserError(
-      f'Unknown dataset {dataset!r}; use cifar10, cifar100, imagenet2012, '
-      'digits or folder:/path/to/root.'
-    )
-  if config.ten_crop and style != 'imagenet':
-    raise errors.UserError(
-      f'ten_crop applies to ImageNet-style data only, not {dataset!r}; set '
-      'ten_crop=False.'
-    )
-  default = _DEFAULT_SIZE['digits' if kind == 'digits' else style]
-  return Spec(kind, name, style, config.image_size or default)
+def _scan(config) -> folders.FolderScan:
+  return folders.scan(
+    _folder_root(config),
+    config.get('folder_val_fraction', 0.1),
+    config.get('folder_max_unreadable', 0.05),
+  )
 
 
-def tfds_builder(spec: Spec, config):
+def tfds_builder(name: str, data_dir: str | None):
   """Returns the prepared TFDS builder or raises a one-line UserError."""
-  builder = tfds.builder(spec.name, data_dir=config.data_dir)
+  builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
     root = os.path.dirname(os.path.dirname(builder.data_dir))
     raise errors.UserError(
-      f'TFDS dataset {spec.name} is not prepared in {root}; on a machine '
-      f'with internet run `tfds build {spec.name} --data_dir=DIR` (ImageNet '
+      f'TFDS dataset {name} is not prepared in {root}; on a machine '
+      f'with internet run `tfds build {name} --data_dir=DIR` (ImageNet '
       'needs its manual download) and set config.data_dir=DIR.'
     )
   return builder
@@ -128,37 +133,6 @@ def tfds_builder(spec: Spec, config):
 def split_size(builder, split: str) -> int:
   """The one place split sizes are read from TFDS metadata."""
   return builder.info.splits[split].num_examples
-
-
-def _scan_folder(root: str, split: str, classes=None):
-  """Lists `root/split/<class>/*` images; returns (paths, labels, classes)."""
-  directory = os.path.join(root, split)
-  how = f'expected {root}/{{train,val}}/<class>/<image>.jpg|.png'
-  if not os.path.isdir(directory):
-    raise errors.UserError(f'Image folder {directory} is missing; {how}.')
-  found = sorted(e.name for e in os.scandir(directory) if e.is_dir())
-  if not found:
-    raise errors.UserError(f'No class folders in {directory}; {how}.')
-  classes = classes or found
-  unknown = sorted(set(found) - set(classes))
-  if unknown:
-    raise errors.UserError(
-      f'Classes {unknown} in {directory} are not in the training classes; '
-      f'{how}.'
-    )
-  paths, labels = [], []
-  for name in found:
-    class_dir = os.path.join(directory, name)
-    files = sorted(
-      e.path
-      for e in os.scandir(class_dir)
-      if e.is_file() and e.name.lower().endswith(_IMAGE_EXTENSIONS)
-    )
-    if not files:
-      raise errors.UserError(f'No JPEG or PNG images in {class_dir}; {how}.')
-    paths += files
-    labels += [classes.index(name)] * len(files)
-  return np.array(paths), np.array(labels, np.int32), tuple(classes)
 
 
 @functools.lru_cache(maxsize=4)
@@ -186,89 +160,151 @@ def _digits(image_size: int) -> tuple[Split, Split, tuple, tuple]:
   )
 
 
-def cifar_stats(spec: Spec) -> tuple[tuple, tuple]:
-  if spec.kind == 'digits':
-    return _digits(spec.image_size)[2:]
-  if spec.kind == 'tfds':
-    return preprocessing.CIFAR_STATS[spec.name]
+def _image_size(config, style: str) -> int:
+  return config.image_size or _DEFAULT_SIZE[style]
+
+
+def _folder_info(config) -> DatasetInfo:
+  folders.check_preprocessing(config.folder_preprocessing)
+  folder = _scan(config)
+  style, size, why = folders.choose_preprocessing(
+    folder, config.folder_preprocessing, config.image_size
+  )
+  height, width = folder.median_size
+  message = (
+    f'folder {folder.root}: {len(folder.train_labels):,} train / '
+    f'{len(folder.val_labels):,} {"held-out " * folder.held_out}val images, '
+    f'{len(folder.class_names)} classes, median {height}x{width} -> {style} '
+    f'style at {size}x{size} ({why}).'
+  )
+  _log_once(message)
   scale = lambda values: tuple(255 * v for v in values)
-  return scale(preprocessing.IMAGENET_MEAN), scale(preprocessing.IMAGENET_STD)
-
-
-def decode(spec: Spec, data) -> tf.Tensor:
-  """Maps a split's element (uint8 image or file path) to a uint8 image."""
-  if data.dtype != tf.string:
-    return data
-  image = tf.io.decode_image(
-    tf.io.read_file(data), channels=3, expand_animations=False
+  return DatasetInfo(
+    name=config.dataset,
+    style=style,
+    image_size=size,
+    class_names=folder.class_names,
+    num_train_examples=len(folder.train_labels),
+    num_eval_examples=len(folder.val_labels),
+    mean=scale(preprocessing.IMAGENET_MEAN) if style == 'cifar' else (),
+    std=scale(preprocessing.IMAGENET_STD) if style == 'cifar' else (),
   )
-  if spec.style == 'cifar':
-    image = preprocessing.resize_square_uint8(image, spec.image_size)
-  return image
 
 
-def _load_tfds_split(spec: Spec, config, split: str) -> Split:
-  builder = tfds_builder(spec, config)
-  data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-  images = data['image']
-  if images.shape[1:3] != (spec.image_size,) * 2:
-    images = preprocessing.resize_square_uint8(images, spec.image_size).numpy()
-  return Split(images, data['label'].astype(np.int32))
-
-
-def load_split(spec: Spec, config, train: bool) -> Split:
-  """Loads an index-addressable split (all datasets but imagenet2012)."""
-  if spec.kind == 'digits':
-    return _digits(spec.image_size)[0 if train else 1]
-  if spec.kind == 'tfds':
-    return _load_tfds_split(spec, config, TFDS_SPLITS[spec.name][not train])
-  classes = None if train else _scan_folder(spec.name, 'train')[2]
-  paths, labels, _ = _scan_folder(
-    spec.name, 'train' if train else 'val', classes
-  )
-  if spec.style == 'imagenet' or not config.cache:
-    return Split(paths, labels)
-  images = tf.data.Dataset.from_tensor_slices(paths)
-  images = images.map(
-    functools.partial(decode, spec), num_parallel_calls=tf.data.AUTOTUNE
-  )
-  images = np.concatenate(list(images.batch(1024).as_numpy_iterator()))
-  return Split(images, labels)
+@functools.lru_cache(maxsize=64)
+def _log_once(message: str) -> None:
+  logging.info(message)
 
 
 def get_dataset_info(config) -> DatasetInfo:
-  """Returns sizes, classes and input shape of `config.dataset`.
+  """Returns sizes, classes, preprocessing and input size of the dataset.
 
   Args:
     config: the experiment config.
 
-  Returns:
-    The dataset's `DatasetInfo`.
-
   Raises:
     errors.UserError: unknown dataset, missing TFDS data or bad folder.
   """
-  spec = resolve(config)
-  if spec.kind == 'tfds':
-    builder = tfds_builder(spec, config)
-    train_split, eval_split = TFDS_SPLITS[spec.name]
-    num_train = split_size(builder, train_split)
-    num_eval = split_size(builder, eval_split)
-    class_names = tuple(builder.info.features['label'].names)
-  elif spec.kind == 'digits':
-    train, test = _digits(spec.image_size)[:2]
-    num_train, num_eval = len(train.labels), len(test.labels)
-    class_names = tuple(str(i) for i in range(10))
+  dataset = config.dataset
+  if dataset in TFDS_SPLITS:
+    builder = tfds_builder(dataset, config.data_dir)
+    style = 'imagenet' if dataset == 'imagenet2012' else 'cifar'
+    train_split, eval_split = TFDS_SPLITS[dataset]
+    mean, std = preprocessing.CIFAR_STATS.get(dataset, ((), ()))
+    info = DatasetInfo(
+      name=dataset,
+      style=style,
+      image_size=_image_size(config, style),
+      class_names=tuple(builder.info.features['label'].names),
+      num_train_examples=split_size(builder, train_split),
+      num_eval_examples=split_size(builder, eval_split),
+      mean=mean,
+      std=std,
+    )
+  elif dataset == 'digits':
+    size = _image_size(config, 'digits')
+    train, test, mean, std = _digits(size)
+    info = DatasetInfo(
+      name=dataset,
+      style='cifar',
+      image_size=size,
+      class_names=tuple(str(i) for i in range(10)),
+      num_train_examples=len(train.labels),
+      num_eval_examples=len(test.labels),
+      mean=mean,
+      std=std,
+    )
+  elif dataset.startswith(_FOLDER_PREFIX):
+    info = _folder_info(config)
   else:
-    num_train, _, class_names = _scan_folder(spec.name, 'train')
-    num_train = len(num_train)
-    num_eval = len(_scan_folder(spec.name, 'val', class_names)[0])
+    raise errors.UserError(
+      f'Unknown dataset {dataset!r}; use cifar10, cifar100, imagenet2012, '
+      'digits or folder:/path/to/root.'
+    )
+  if config.ten_crop and info.style != 'imagenet':
+    raise errors.UserError(
+      f'ten_crop applies to ImageNet-style data only, not {dataset!r} '
+      f'({info.style} style); set ten_crop=False.'
+    )
   if config.max_eval_examples > 0:
-    num_eval = min(num_eval, config.max_eval_examples)
-  return DatasetInfo(
-    num_classes=len(class_names),
-    num_train_examples=num_train,
-    num_eval_examples=num_eval,
-    image_shape=(spec.image_size, spec.image_size, 3),
-    class_names=class_names,
+    info = dataclasses.replace(
+      info,
+      num_eval_examples=min(info.num_eval_examples, config.max_eval_examples),
+    )
+  return info
+
+
+def _read_file(info: DatasetInfo, path) -> np.ndarray:
+  image = folders.read_rgb(path)
+  if info.style == 'cifar' and image.shape[:2] != (info.image_size,) * 2:
+    image = preprocessing.resize_square_uint8(image, info.image_size).numpy()
+  return image
+
+
+def decode(info: DatasetInfo, data) -> tf.Tensor:
+  """Maps a split's element (uint8 image or file path) to a uint8 image.
+
+  Files are decoded with PIL (`folders.read_rgb`); CIFAR-style images are
+  resized to `info.image_size` squares.
+  """
+  if data.dtype != tf.string:
+    return data
+  image = tf.numpy_function(
+    functools.partial(_read_file, info), [data], tf.uint8, stateful=False
   )
+  side = info.image_size if info.style == 'cifar' else None
+  return tf.ensure_shape(image, (side, side, 3))
+
+
+def _load_tfds_split(info: DatasetInfo, config, split: str) -> Split:
+  builder = tfds_builder(info.name, config.data_dir)
+  data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+  images = data['image']
+  if images.shape[1:3] != (info.image_size,) * 2:
+    images = preprocessing.resize_square_uint8(images, info.image_size).numpy()
+  return Split(images, data['label'].astype(np.int32))
+
+
+def _read_files(info: DatasetInfo, paths: np.ndarray) -> np.ndarray:
+  """Decodes and resizes image files into uint8 [N, S, S, 3], in threads."""
+  workers = min(32, 4 * (os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return np.stack(list(pool.map(functools.partial(_read_file, info), paths)))
+
+
+def load_split(info: DatasetInfo, config, train: bool) -> Split:
+  """Loads an index-addressable split (all datasets but imagenet2012).
+
+  Image folders give file paths, except CIFAR-style folders with
+  `config.cache`, which are decoded into memory once.
+  """
+  if info.kind == 'digits':
+    return _digits(info.image_size)[0 if train else 1]
+  if info.kind == 'tfds':
+    return _load_tfds_split(info, config, TFDS_SPLITS[info.name][not train])
+  folder = _scan(config)
+  paths = folder.train_paths if train else folder.val_paths
+  labels = folder.train_labels if train else folder.val_labels
+  if info.style == 'imagenet' or not config.cache:
+    return Split(paths, labels)
+  return Split(_read_files(info, paths), labels)

@@ -93,4 +93,4 @@ def initialize(
       jax.distributed.initialize(**timeouts)
     except ValueError:
       # Raised before anything starts when no cluster is detected.
-      logging.info('No cluster detected: running as a single process.')
+      logging.debug('No cluster detected: running as a single process.')

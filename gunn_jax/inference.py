@@ -29,9 +29,11 @@ import numpy as np
 
 from gunn_jax import (
   checkpointing,
+  datasets,
   diagnostics,
   input_pipeline,
   optimization,
+  runs,
   sharding,
   train,
 )
@@ -78,15 +80,20 @@ class LoadedModel:
     config: the run's config (from `workdir/config.json`).
     model: the network; `model.apply(variables, images, train=False)`.
     variables: {'params', 'batch_stats'}.
-    class_names: label names, indexed by label id.
+    info: the run's dataset: class names, preprocessing, input size.
     step: the training step of the checkpoint.
   """
 
   config: ml_collections.ConfigDict
   model: nn.Module
   variables: dict
-  class_names: tuple[str, ...]
+  info: datasets.DatasetInfo
   step: int
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    """Label names, indexed by label id."""
+    return self.info.class_names
 
   @functools.cached_property
   def _predict_fn(self):
@@ -108,7 +115,9 @@ class LoadedModel:
     """
     return np.concatenate(
       [
-        input_pipeline.preprocess_for_eval(np.asarray(image)[None], self.config)
+        input_pipeline.preprocess_for_eval(
+          np.asarray(image)[None], self.info, self.config.ten_crop
+        )
         for image in images
       ]
     )
@@ -190,21 +199,25 @@ def load(workdir: str, checkpoint: str | int = 'latest') -> LoadedModel:
     workdir: the run's directory.
     checkpoint: 'latest', 'best' (lowest evaluation top-1 error) or a step.
 
+  The run's saved dataset description (`runs.py`) names the classes and
+  sets the preprocessing, so the dataset itself is not needed (runs saved
+  before dataset.json existed read it from the dataset).
+
   Returns:
-    The model, its variables and the dataset's class names.
+    The model, its variables and the dataset's description.
 
   Raises:
     UserError: if `workdir` has no config.json or no such checkpoint, or
-      its dataset is not available (the class names come from it).
+      (older runs) its dataset is not available.
   """
-  config = checkpointing.load_config(workdir)
-  experiment = train.create_experiment(config)
+  config = runs.load_config(workdir)
+  experiment = train.create_experiment(config, runs.load_dataset_info(workdir))
   (state,) = _restore_states(experiment, workdir, [checkpoint])
   return LoadedModel(
     config=config,
     model=train.create_model(config, experiment.info.num_classes),
     variables=_variables(state),
-    class_names=experiment.info.class_names,
+    info=experiment.info,
     step=int(state.step),
   )
 
@@ -296,7 +309,7 @@ def evaluate_ensemble(workdir: str, num_snapshots: int | None = None) -> dict:
     UserError: if the run has no config.json, was not trained with the
       snapshot schedule, or has fewer than `num_snapshots` snapshots.
   """
-  config = checkpointing.load_config(workdir)
+  config = runs.load_config(workdir)
   if config.lr_schedule != 'snapshot':
     raise UserError(
       f'{workdir} was trained with lr_schedule={config.lr_schedule!r}; '
@@ -365,7 +378,7 @@ def diagnose_run(
   """
   if num_images < 1:
     raise UserError(f'num_images must be positive, got {num_images}.')
-  config = checkpointing.load_config(workdir)
+  config = runs.load_config(workdir)
   experiment = train.create_experiment(config)
   state = train.restore_checkpoint(experiment, workdir, checkpoint)
   model = train.create_model(config, experiment.info.num_classes)

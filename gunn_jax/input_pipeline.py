@@ -57,9 +57,9 @@ def _host_batch_size(config, key: str, process_count: int) -> int:
   return size // process_count
 
 
-def _imagenet_eval_fn(spec: datasets.Spec, config):
+def _imagenet_eval_fn(info: datasets.DatasetInfo, ten_crop: bool):
   return functools.partial(
-    preprocessing.imagenet_eval, size=spec.image_size, ten_crop=config.ten_crop
+    preprocessing.imagenet_eval, size=info.image_size, ten_crop=ten_crop
   )
 
 
@@ -70,7 +70,7 @@ def _outputs(example, images) -> dict:
   return out
 
 
-def _map_fns(spec: datasets.Spec, config, split: datasets.Split, train: bool):
+def _map_fns(info: datasets.DatasetInfo, config, split, train: bool):
   """Per-example and per-batch tf.data functions (either may be None).
 
   Examples are dicts of 'data' (uint8 image or file path), 'label' and either
@@ -78,21 +78,21 @@ def _map_fns(spec: datasets.Spec, config, split: datasets.Split, train: bool):
   decoded and augmented per example; CIFAR-style data is decoded per example
   (files only) and augmented per batch, which is several times faster.
   """
-  if spec.style == 'imagenet':
-    eval_fn = _imagenet_eval_fn(spec, config)
+  if info.style == 'imagenet':
+    eval_fn = _imagenet_eval_fn(info, config.ten_crop)
 
     def per_example(example):
-      image = datasets.decode(spec, example['data'])
+      image = datasets.decode(info, example['data'])
       if not train:
         return _outputs(example, eval_fn(image))
       slot, step = example['slot'], example['step']
       rng = preprocessing.example_rng(config.seed, step, slot)
-      image = preprocessing.imagenet_train(image, rng, size=spec.image_size)
+      image = preprocessing.imagenet_train(image, rng, size=info.image_size)
       return _outputs(example, image)
 
     return per_example, None
 
-  mean, std = datasets.cifar_stats(spec)
+  mean, std = info.mean, info.std
 
   def per_batch(batch):
     if not train:
@@ -104,14 +104,14 @@ def _map_fns(spec: datasets.Spec, config, split: datasets.Split, train: bool):
       batch_size=config.batch_size,
       mean=mean,
       std=std,
-      pad=spec.pad,
+      pad=info.image_size // 8,
       roll=config.roll_augmentation,
     )
     return _outputs(batch, images)
 
   decode = lambda example: {
     **example,
-    'data': datasets.decode(spec, example['data']),
+    'data': datasets.decode(info, example['data']),
   }
   return (decode if split.data.dtype.kind == 'U' else None), per_batch
 
@@ -182,9 +182,9 @@ def _from_host_batches(batches, first: dict, fns, batch_size: int):
   return ds.prefetch(_AUTOTUNE).with_options(_options())
 
 
-def _in_memory_train(spec, config, start_step, index, count, batch_size):
+def _in_memory_train(info, config, start_step, index, count, batch_size):
   del count  # The order does not depend on it.
-  split = datasets.load_split(spec, config, train=True)
+  split = datasets.load_split(info, config, train=True)
   n = len(split.labels)
   slots = index * batch_size + np.arange(batch_size)
 
@@ -199,7 +199,7 @@ def _in_memory_train(spec, config, start_step, index, count, batch_size):
     }
 
   batches = lambda: map(host_batch, itertools.count(start_step))
-  fns = _map_fns(spec, config, split, train=True)
+  fns = _map_fns(info, config, split, train=True)
   ds = _from_host_batches(batches, host_batch(start_step), fns, batch_size)
   return ds.as_numpy_iterator()
 
@@ -209,8 +209,8 @@ def _epoch_seed(seed: int, epoch: int, index: int) -> int:
   return int(state[0]) % 2**31
 
 
-def _imagenet_train(spec, config, start_step, index, count, batch_size):
-  builder = datasets.tfds_builder(spec, config)
+def _imagenet_train(info, config, start_step, index, count, batch_size):
+  builder = datasets.tfds_builder(info.name, config.data_dir)
   split = tfds.split_for_jax_process(
     'train', process_index=index, process_count=count
   )
@@ -220,7 +220,7 @@ def _imagenet_train(spec, config, start_step, index, count, batch_size):
       f'Per-process batch {batch_size} exceeds the examples per process.'
     )
   train_fn = functools.partial(
-    preprocessing.imagenet_train, size=spec.image_size
+    preprocessing.imagenet_train, size=info.image_size
   )
 
   def epoch_batches(epoch: int, skip: int):
@@ -279,8 +279,8 @@ def create_train_iterator(
   """
   index, count = _processes(process_index, process_count)
   batch_size = _host_batch_size(config, 'batch_size', count)
-  spec = datasets.resolve(config)
-  logging.info(
+  info = datasets.get_dataset_info(config)
+  logging.debug(
     'Training input %s, process %d/%d, batch %d, from step %d.',
     config.dataset,
     index,
@@ -288,8 +288,8 @@ def create_train_iterator(
     batch_size,
     start_step,
   )
-  args = (spec, config, start_step, index, count, batch_size)
-  if spec.name == 'imagenet2012':
+  args = (info, config, start_step, index, count, batch_size)
+  if info.name == 'imagenet2012':
     return _imagenet_train(*args)
   return _in_memory_train(*args)
 
@@ -308,8 +308,8 @@ class _EvalIterable:
     return self._num_batches
 
 
-def _padding(spec: datasets.Spec, config) -> dict:
-  shape = (spec.image_size, spec.image_size, 3)
+def _padding(info: datasets.DatasetInfo, config) -> dict:
+  shape = info.image_shape
   if config.ten_crop:
     shape = (10, *shape)
   return {
@@ -319,18 +319,18 @@ def _padding(spec: datasets.Spec, config) -> dict:
   }
 
 
-def _imagenet_eval(spec, config, info, index, count) -> tf.data.Dataset:
+def _imagenet_eval(info, config, index, count) -> tf.data.Dataset:
   """This process's contiguous part of the ImageNet validation examples."""
-  split = datasets.TFDS_SPLITS[spec.name][1]
+  split = datasets.TFDS_SPLITS[info.name][1]
   if config.max_eval_examples > 0:
     split = f'{split}[:{info.num_eval_examples}]'
   split = tfds.split_for_jax_process(
     split, process_index=index, process_count=count
   )
-  ds = datasets.tfds_builder(spec, config).as_dataset(
+  ds = datasets.tfds_builder(info.name, config.data_dir).as_dataset(
     split=split, decoders={'image': tfds.decode.SkipDecoding()}
   )
-  eval_fn = _imagenet_eval_fn(spec, config)
+  eval_fn = _imagenet_eval_fn(info, config.ten_crop)
 
   def fn(example):
     image = tf.io.decode_image(
@@ -366,20 +366,19 @@ def create_eval_iterable(
   """
   index, count = _processes(process_index, process_count)
   batch_size = _host_batch_size(config, 'eval_batch_size', count)
-  spec = datasets.resolve(config)
   info = datasets.get_dataset_info(config)
   num_batches = math.ceil(
     math.ceil(info.num_eval_examples / count) / batch_size
   )
   total = num_batches * batch_size
-  if spec.name == 'imagenet2012':
-    ds = _imagenet_eval(spec, config, info, index, count)
+  if info.name == 'imagenet2012':
+    ds = _imagenet_eval(info, config, index, count)
     ds = ds.concatenate(
-      tf.data.Dataset.from_tensors(_padding(spec, config)).repeat()
+      tf.data.Dataset.from_tensors(_padding(info, config)).repeat()
     )
     ds = ds.take(total).batch(batch_size).prefetch(_AUTOTUNE)
     return _EvalIterable(ds, num_batches)
-  split = datasets.load_split(spec, config, train=False)
+  split = datasets.load_split(info, config, train=False)
   host = np.array_split(np.arange(info.num_eval_examples), count)[index]
   indices = np.concatenate([host, np.zeros(total - len(host), np.int64)])
   mask = (np.arange(total) < len(host)).astype(np.float32)
@@ -393,12 +392,14 @@ def create_eval_iterable(
     }
 
   batches = lambda: map(host_batch, range(num_batches))
-  fns = _map_fns(spec, config, split, train=False)
+  fns = _map_fns(info, config, split, train=False)
   ds = _from_host_batches(batches, host_batch(0), fns, batch_size)
   return _EvalIterable(ds, num_batches)
 
 
-def preprocess_for_eval(images: np.ndarray, config) -> np.ndarray:
+def preprocess_for_eval(
+  images: np.ndarray, info: datasets.DatasetInfo, ten_crop: bool = False
+) -> np.ndarray:
   """Evaluation preprocessing of uint8 [N, h, w, C] images of any size.
 
   CIFAR-style datasets resize to image_size x image_size (as their loaders
@@ -406,18 +407,18 @@ def preprocess_for_eval(images: np.ndarray, config) -> np.ndarray:
 
   Args:
     images: uint8 [N, h, w, 1 or 3] images.
-    config: the experiment config.
+    info: the dataset's `DatasetInfo` (style, size and statistics).
+    ten_crop: ImageNet-style ten-crop evaluation.
 
   Returns:
     float32 [N, H, W, 3] model inputs ([N, 10, H, W, 3] with ten_crop).
   """
-  spec = datasets.resolve(config)
   images = tf.convert_to_tensor(images, tf.uint8)
-  if spec.style == 'cifar':
-    if images.shape[1:] != (spec.image_size, spec.image_size, 3):
-      images = preprocessing.resize_square_uint8(images, spec.image_size)
-    return preprocessing.normalize(images, *datasets.cifar_stats(spec)).numpy()
+  if info.style == 'cifar':
+    if images.shape[1:] != info.image_shape:
+      images = preprocessing.resize_square_uint8(images, info.image_size)
+    return preprocessing.normalize(images, info.mean, info.std).numpy()
   if images.shape[-1] == 1:
     images = tf.repeat(images, 3, axis=-1)
-  eval_fn = _imagenet_eval_fn(spec, config)
+  eval_fn = _imagenet_eval_fn(info, ten_crop)
   return tf.map_fn(eval_fn, images, fn_output_signature=tf.float32).numpy()

@@ -1,4 +1,4 @@
-"""Metric writers: TensorBoard and logs (clu) plus `workdir/metrics.jsonl`.
+"""Metric writers: TensorBoard (clu) and `workdir/metrics.jsonl`.
 
 Scalars are written with a `train_`, `eval_` or `diagnostics_` prefix
 (`train_loss`, `eval_top1_error`). `metrics.jsonl` receives every written
@@ -10,7 +10,7 @@ field:
     {"step": 500, "split": "diagnostics", "stage1_gunn/within_mean_abs_r": ...}
 
 Sets without a prefix (steps/s from `ReportProgress`) count as 'train'. Only
-process 0 writes files.
+process 0 writes files. The console gets its own short lines (`console.py`).
 """
 
 import json
@@ -82,15 +82,15 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """Returns the run's writer: TensorBoard, logs and `metrics.jsonl`.
+  """Returns the run's writer: TensorBoard and `metrics.jsonl`.
 
-  Processes other than 0 only log.
+  Processes other than 0 write nothing.
   """
   if jax.process_index() > 0:
-    return metric_writers.create_default_writer(workdir, just_logging=True)
+    return metric_writers.MultiWriter([])
   return metric_writers.MultiWriter(
     [
-      metric_writers.create_default_writer(workdir),
+      metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)),
       JsonlWriter(epath.Path(workdir) / METRICS_FILE),
     ]
   )

@@ -25,9 +25,8 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image
 
-from gunn_jax import diagnostics, inference
+from gunn_jax import diagnostics, folders, inference
 from gunn_jax.errors import UserError
 
 
@@ -36,13 +35,12 @@ def _checkpoint(value: str) -> str | int:
 
 
 def _read_images(paths: list[str]) -> list[np.ndarray]:
-  """Decodes image files to uint8 RGB [h, w, 3] arrays."""
+  """Decodes image files to uint8 RGB [h, w, 3] arrays, as training does."""
   images = []
   for path in paths:
     try:
-      with Image.open(path) as image:
-        images.append(np.asarray(image.convert('RGB')))
-    except OSError as e:
+      images.append(folders.read_rgb(path))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types.
       raise UserError(f'Cannot read image {path}: {e}') from e
   return images
 

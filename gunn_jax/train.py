@@ -26,17 +26,18 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metrics, parameter_overview, periodic_actions
-from etils import epath
 from flax.training import train_state
 
 from gunn_jax import (
   checkpointing,
+  console,
   datasets,
   diagnostics,
   input_pipeline,
   metric_io,
   models,
   optimization,
+  runs,
   sharding,
 )
 from gunn_jax.errors import UserError
@@ -293,15 +294,20 @@ class Experiment(NamedTuple):
     )
 
 
-def create_experiment(config: ml_collections.ConfigDict) -> Experiment:
+def create_experiment(
+  config: ml_collections.ConfigDict, info: datasets.DatasetInfo | None = None
+) -> Experiment:
   """Validates `config` and builds model, schedule, mesh and jitted steps.
+
+  `info` describes the dataset (a run's saved `runs.load_dataset_info`);
+  by default it is read from the dataset itself.
 
   Raises:
     UserError: for a bad config, an unknown model or dataset, or a batch
       size that the devices do not divide.
   """
   validate_config(config)
-  info = datasets.get_dataset_info(config)
+  info = info or datasets.get_dataset_info(config)
   model = create_model(config, info.num_classes)
   num_steps = optimization.total_train_steps(config, info.num_train_examples)
   if config.lr_schedule == 'snapshot' and config.snapshot_cycles > num_steps:
@@ -457,36 +463,46 @@ def _diagnostics_fn(
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  allow_config_change: bool = False,
 ) -> TrainState:
   """Trains and evaluates, resuming from the latest checkpoint in `workdir`.
 
   Args:
     config: see `configs/base.py`.
-    workdir: directory for checkpoints, metrics and TensorBoard events.
+    workdir: directory for checkpoints, metrics and TensorBoard events; the
+      config and the dataset's description are saved in it (`runs.py`).
+    allow_config_change: resume even if the model, data or schedule
+      (`runs.RUN_KEYS`) differ from the run's saved config.
 
   Returns:
     The final training state (replicated), also after a preemption.
 
   Raises:
-    UserError: for a bad config, dataset or workdir (before any checkpoint
-      is touched) and when the loss becomes NaN/Inf.
+    UserError: for a bad config, dataset or workdir, or a resume with a
+      changed config (before any checkpoint is touched), and when the loss
+      becomes NaN/Inf.
   """
   experiment = create_experiment(config)
   info, mesh = experiment.info, experiment.mesh
   num_steps = experiment.num_train_steps
   diagnose = _diagnostics_fn(config, experiment)
   checkpointing.ensure_writable(workdir)
+  resume_step = checkpointing.latest_step(workdir)
+  changed = runs.changed_run_keys(workdir, config, info)
+  if resume_step is not None and changed and not allow_config_change:
+    raise UserError(
+      f'{workdir} holds a run with different {", ".join(changed)} '
+      f'(see {workdir}/{runs.CONFIG_FILE}); use another --workdir, or '
+      'resume it anyway with --allow_config_change.'
+    )
   steps_per_epoch = optimization.steps_for_epochs(
     1, info.num_train_examples, config.batch_size
   )
   eval_every = config.eval_every_steps
   if eval_every == -1:
     eval_every = steps_per_epoch
-  logging.info(
-    '%d steps (%d per epoch), global batch %d on %d devices.',
-    *(num_steps, steps_per_epoch, config.batch_size, jax.device_count()),
-  )
 
   writer = metric_io.create_writer(workdir)
   snapshot_steps = optimization.snapshot_steps(config, num_steps)
@@ -503,17 +519,25 @@ def train_and_evaluate(
           state, config.init_from, config.init_reset_classifier
         )
     else:
-      logging.info('Resuming from checkpoint %d.', last_checkpoint)
       state = checkpointing.restore(
         manager, last_checkpoint, experiment.abstract_state
       )
     initial_step = int(state.step)
+    for line in console.header(
+      config,
+      info,
+      parameter_overview.count_parameters(state.params),
+      num_steps,
+      steps_per_epoch,
+      workdir,
+      str(checkpointing.checkpoint_dir(workdir)),
+      last_checkpoint,
+    ):
+      logging.info(line)
     if jax.process_index() == 0:
-      (epath.Path(workdir) / checkpointing.CONFIG_FILE).write_text(
-        config.to_json_best_effort(indent=2)
-      )
+      runs.save(workdir, config, info)
       metric_io.truncate_after(workdir, initial_step)
-      if initial_step == 0:
+      if initial_step == 0 and logging.vlog_is_on(1):
         parameter_overview.log_parameter_overview(state.params)
 
     train_batches = sharding.global_batches(
@@ -540,6 +564,8 @@ def train_and_evaluate(
 
     if diagnose and initial_step == 0:
       writer.write_scalars(0, diagnose(state, eval_iterable))
+    progress = console.Progress(num_steps, steps_per_epoch, config.batch_size)
+    progress.start(initial_step)
     train_metrics, interval_start = None, initial_step + 1
     for step in range(initial_step + 1, num_steps + 1):
       # `step` counts the steps done once this iteration ends.
@@ -573,6 +599,7 @@ def train_and_evaluate(
             'train_learning_rate': experiment.learning_rate_fn(step - 1),
           },
         )
+        logging.info(progress.line(step, summary))
         train_metrics, interval_start = None, step + 1
       eval_results = None
       if do_eval:
@@ -584,6 +611,7 @@ def train_and_evaluate(
         writer.write_scalars(
           step, {f'eval_{k}': v for k, v in eval_results.items()}
         )
+        logging.info(console.eval_line(step, eval_results))
       if diagnose and (last or step % config.diagnostics_every_steps == 0):
         writer.write_scalars(step, diagnose(state, eval_iterable))
       if do_save:

@@ -25,6 +25,7 @@ from gunn_jax import (
   input_pipeline,
   metric_io,
   optimization,
+  runs,
   tools,
   train,
 )
@@ -282,7 +283,7 @@ def test_finetune_restores_every_other_weight_bit_exactly(run, finetuned):
   experiment = train.create_experiment(config)
   fresh = experiment.create_state(config.seed)
   state = checkpointing.initialize_from(fresh, run)
-  source = train.restore_train_state(checkpointing.load_config(run), run)
+  source = train.restore_train_state(runs.load_config(run), run)
   flat = lambda state: jax.device_get(
     jax.tree_util.tree_flatten_with_path(
       {'params': state.params, 'batch_stats': state.batch_stats}

@@ -88,9 +88,10 @@ def test_train_then_eval_mode(tmp_path, capsys):
     assert printed[key] == pytest.approx(last_eval[key], rel=1e-12)
 
 
-def test_eval_mode_without_checkpoint(tmp_path, capsys):
+def test_eval_mode_without_a_run(tmp_path, capsys):
   assert run_main(tmp_path, '--mode=eval') == 2
-  assert capsys.readouterr().err.startswith("error: No checkpoint 'latest'")
+  error = capsys.readouterr().err
+  assert error.startswith(f'error: No config.json in {tmp_path}')
 
 
 def test_process_prints_one_line_and_no_traceback(tmp_path):

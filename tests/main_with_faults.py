@@ -24,8 +24,8 @@ _train_and_evaluate = train.train_and_evaluate
 _save = checkpointing.save
 
 
-def _train_and_dump(config, workdir):
-  state = _train_and_evaluate(config, workdir)
+def _train_and_dump(config, workdir, *args):
+  state = _train_and_evaluate(config, workdir, *args)
   leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
   np.savez(
     os.path.join(

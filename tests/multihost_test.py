@@ -118,7 +118,7 @@ def test_killed_run_resumes_from_latest_checkpoint(runs):
   status, output = runs['resumed']
   assert status == 0, output[-3000:]
   for p in (0, 1):
-    assert re.search(rf'\[process {p}\] .*Resuming from checkpoint 4\.', output)
+    assert re.search(rf'\[process {p}\] .*resuming from step 4', output)
   train_steps = [
     r['step']
     for r in metric_io.read_metrics(runs['multi'], 'train')
@@ -224,8 +224,8 @@ def test_failure_of_one_process_ends_the_run(tmp_path):
   status, output = launch(tmp_path / 'run', GUNN_TEST_BAD_DATA_PROCESS='1')
   assert status != 0
   assert re.search(
-    r'\[process 1\] error: Image folder /nonexistent/gunn_data/train is '
-    'missing',
+    r'\[process 1\] error: Image folder /nonexistent/gunn_data does not '
+    'exist',
     output,
   )
   # The launcher names the first process to exit: process 1, or process 0

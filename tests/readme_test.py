@@ -77,9 +77,11 @@ def test_main_commands_parse(command):
   flags = dict(
     arg.lstrip('-').split('=', 1) for arg in shlex.split(command)[2:]
   )
-  config = load_config(flags.pop('config'))
+  mode = flags.pop('mode', 'train')
+  assert mode in ('train', 'eval')
+  # Evaluation reads the run's saved config: --config only for overrides.
+  config = load_config(flags.pop('config', None) or 'configs/base.py')
   assert flags.pop('workdir')
-  assert flags.pop('mode', 'train') in ('train', 'eval')
   assert flags.pop('checkpoint', 'latest') in ('latest', 'best')
   for multi_host_flag in ('coordinator_address', 'num_processes', 'process_id'):
     flags.pop(multi_host_flag, None)
@@ -90,7 +92,7 @@ def test_main_commands_parse(command):
 
 def runnable(command):
   if command.startswith('python main.py'):
-    return 'configs/quickstart.py' in command
+    return 'configs/quickstart.py' in command or '--mode=eval' in command
   return command.startswith(('python -c', 'python -m gunn_jax.tools'))
 
 
@@ -109,8 +111,10 @@ def test_short_commands_run_in_order(tmp_path):
       argv = [sys.executable, '-c', program]
     else:
       argv = [sys.executable, *shlex.split(command)[1:]]
-    if command.startswith('python main.py'):
-      argv += TINY_MODEL + ([] if '--mode=eval' in command else TINY_TRAINING)
+    if '--mode=eval' in command:
+      pass  # The run's saved config has the tiny settings.
+    elif command.startswith('python main.py'):
+      argv += TINY_MODEL + TINY_TRAINING
     result = subprocess.run(
       argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )

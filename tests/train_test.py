@@ -234,7 +234,10 @@ def trained(tmp_path_factory):
   os.makedirs(os.path.join(half_written, 'default'))
   with open(os.path.join(half_written, 'default', 'manifest.ocdbt'), 'w') as f:
     f.write('torn')
-  final = train.train_and_evaluate(tiny_config(), workdir)
+  # Extending a run changes its schedule: allowed explicitly.
+  final = train.train_and_evaluate(
+    tiny_config(), workdir, allow_config_change=True
+  )
   return {
     'workdir': workdir,
     'step4_params': jax.device_get(state.params),

@@ -1,0 +1,349 @@
+"""Image folders as datasets: which files, which classes, which are readable.
+
+Layouts (class names are folder names; sorted, they are the label ids):
+
+    ROOT/train/<class>/**/<image>   and   ROOT/val/<class>/**/<image>
+    ROOT/train/<class>/**/<image>   (no val folder: part of train held out)
+    ROOT/<class>/**/<image>         (no train folder: likewise)
+
+`validation` or `test` may stand in for `val`. Images may sit in nested
+sub-folders of their class folder; symbolic links are followed. Hidden files
+and folders (`.DS_Store`, `.ipynb_checkpoints`) and files without an image
+extension (`notes.txt`) are not images: they are counted and ignored.
+
+Every image file is checked once, at the first scan in a process: decoded
+completely with PIL in a thread pool (JPEGs at reduced scale, which still
+reads the whole file), so that a corrupt or truncated file is found before
+training rather than in the middle of it. Files that fail are skipped and
+logged (count and first paths); more than `max_unreadable` of a split, or a
+split left empty, is an error. The result is kept for the process
+(invalidated when a class folder changes), not written anywhere; every
+process of a multi-host run checks the whole folder (for ImageNet-size data
+TFDS, which needs no check, is the better source). Decoding
+with PIL reads every format it knows (JPEG, PNG, GIF, BMP, TIFF, WebP, ...)
+in any mode: grey, palette, CMYK, alpha (dropped) and 16-bit (scaled to
+8 bits) images all become 8-bit RGB.
+
+Without a val folder, `val_fraction` of each class (at least one image of a
+class of two or more) is held out for evaluation, chosen with a fixed seed so
+that every run of the folder evaluates on the same images.
+"""
+
+import concurrent.futures
+import dataclasses
+import functools
+import math
+import os
+import time
+
+import numpy as np
+from absl import logging
+from PIL import Image, ImageOps
+
+from gunn_jax.errors import UserError
+
+IMAGE_EXTENSIONS = frozenset(
+  '.jpg .jpeg .jpe .jfif .png .apng .gif .bmp .dib .tif .tiff .webp .ppm '
+  '.pgm .pbm .pnm .tga .qoi'.split()
+)
+VAL_FOLDERS = ('val', 'validation', 'test')
+LAYOUT = 'expected ROOT/train/<class>/<image> (and ROOT/val/<class>/<image>)'
+# `auto` preprocessing: CIFAR-style at the images' own size up to this side.
+SMALL_IMAGE_SIDE = 64
+_HOLD_OUT_SEED = 0
+_SHOWN_PATHS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderScan:
+  """The readable images of a folder and what was left out.
+
+  Attributes:
+    root: the folder.
+    class_names: sorted names of the training classes with images.
+    train_paths, train_labels: readable training images [N] and labels [N].
+    val_paths, val_labels: readable evaluation images and labels.
+    median_size: (height, width), medians over the training images.
+    held_out: whether the evaluation images were held out of train.
+  """
+
+  root: str
+  class_names: tuple[str, ...]
+  train_paths: np.ndarray
+  train_labels: np.ndarray
+  val_paths: np.ndarray
+  val_labels: np.ndarray
+  median_size: tuple[int, int]
+  held_out: bool
+
+
+def read_rgb(path: str | bytes) -> np.ndarray:
+  """Decodes an image file to uint8 RGB [h, w, 3] (EXIF orientation applied).
+
+  Raises:
+    OSError, ValueError (or another PIL error) for a file PIL cannot decode.
+  """
+  if isinstance(path, bytes):  # From tf.numpy_function.
+    path = path.decode()
+  with Image.open(path) as image:
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith('I'):  # 16- or 32-bit integer grey.
+      values = np.asarray(image).astype(np.int64)
+      scale = 257 if values.max(initial=0) > 255 else 1
+      grey = np.clip((values + scale // 2) // scale, 0, 255).astype(np.uint8)
+      return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(image.convert('RGB'))
+
+
+def _probe(path: str) -> tuple[int, int] | None:
+  """(height, width) of a decodable image file, else None."""
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+      # JPEG: decode at 1/8 scale; the whole file is still read and checked.
+      image.draft('RGB', (max(1, width // 8), max(1, height // 8)))
+      image.load()
+    return height, width
+  except Exception:  # noqa: BLE001 - PIL raises many types for bad files.
+    return None
+
+
+def _walk_images(directory: str) -> tuple[list[str], list[str]]:
+  """Image files and other files under `directory`, following links once."""
+  images, others, seen = [], [], set()
+  for top, folders, files in os.walk(directory, followlinks=True):
+    real = os.path.realpath(top)
+    if real in seen:  # A link back up the tree.
+      folders[:] = []
+      continue
+    seen.add(real)
+    folders[:] = sorted(f for f in folders if not f.startswith('.'))
+    for name in sorted(files):
+      path = os.path.join(top, name)
+      is_image = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+      (images if is_image and not name.startswith('.') else others).append(path)
+  return images, others
+
+
+def _class_folders(directory: str) -> list[str]:
+  return sorted(
+    e.name
+    for e in os.scandir(directory)
+    if e.is_dir() and not e.name.startswith('.')
+  )
+
+
+def _list_split(directory: str) -> tuple[dict, list[str]]:
+  """{class: image paths} of a split folder and its non-image files."""
+  files, others = {}, []
+  for entry in os.scandir(directory):
+    if entry.is_file() and not entry.is_dir():
+      others.append(entry.path)  # Files next to the class folders.
+  for name in _class_folders(directory):
+    files[name], ignored = _walk_images(os.path.join(directory, name))
+    others += ignored
+  return files, others
+
+
+def _shown(paths: list[str]) -> str:
+  more = ', ...' if len(paths) > _SHOWN_PATHS else ''
+  return ', '.join(paths[:_SHOWN_PATHS]) + more
+
+
+def _check(
+  directory: str, files: dict, max_unreadable: float
+) -> dict[str, list[tuple[str, tuple[int, int]]]]:
+  """Decodes every file; returns {class: [(path, (h, w))]} of readable ones."""
+  paths = [p for class_paths in files.values() for p in class_paths]
+  if not paths:
+    raise UserError(f'No images in {directory}; {LAYOUT}.')
+  start = time.perf_counter()
+  workers = min(32, 4 * (os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    sizes = dict(zip(paths, pool.map(_probe, paths)))
+  bad = [p for p in paths if sizes[p] is None]
+  logging.info(
+    'Checked %s image files in %s in %.1f s.',
+    f'{len(paths):,}',
+    directory,
+    time.perf_counter() - start,
+  )
+  if len(bad) > max_unreadable * len(paths) or len(bad) == len(paths):
+    raise UserError(
+      f'{len(bad):,} of {len(paths):,} image files in {directory} cannot be '
+      f'decoded ({100 * len(bad) / len(paths):.1f}%, more than '
+      f'{100 * max_unreadable:g}%), e.g. {_shown(bad)}; fix or remove them '
+      '(config.folder_max_unreadable sets the limit).'
+    )
+  if bad:
+    logging.warning(
+      'Skipping %d unreadable image file(s) of %s in %s: %s',
+      *(len(bad), f'{len(paths):,}', directory, _shown(bad)),
+    )
+  return {
+    name: [(p, sizes[p]) for p in class_paths if sizes[p] is not None]
+    for name, class_paths in files.items()
+  }
+
+
+def _arrays(per_class: dict, class_names: tuple) -> tuple[np.ndarray, ...]:
+  paths, labels = [], []
+  for label, name in enumerate(class_names):
+    paths += [path for path, _ in per_class.get(name, [])]
+    labels += [label] * len(per_class.get(name, []))
+  return np.array(paths, dtype=str), np.array(labels, np.int32)
+
+
+def _hold_out(per_class: dict, fraction: float) -> tuple[dict, dict]:
+  """Splits each class's images into (train, val) with a fixed seed."""
+  rng = np.random.default_rng(_HOLD_OUT_SEED)
+  train, val = {}, {}
+  for name, images in per_class.items():
+    count = min(len(images) - 1, max(1, round(fraction * len(images))))
+    chosen = set(rng.permutation(len(images))[:count].tolist())
+    train[name] = [x for i, x in enumerate(images) if i not in chosen]
+    val[name] = [x for i, x in enumerate(images) if i in chosen]
+  return train, val
+
+
+def _split_folders(root: str) -> tuple[str, str | None]:
+  """The training folder and the evaluation folder (None: hold out)."""
+  if not os.path.isdir(root):
+    raise UserError(f'Image folder {root} does not exist; {LAYOUT}.')
+  train = os.path.join(root, 'train')
+  vals = [os.path.join(root, v) for v in VAL_FOLDERS]
+  val = next((v for v in vals if os.path.isdir(v)), None)
+  if os.path.isdir(train):
+    return train, val
+  if val is not None:
+    raise UserError(f'{val} exists but {train} is missing; {LAYOUT}.')
+  return root, None  # Flat layout: ROOT/<class>/<image>.
+
+
+def _signature(root: str) -> tuple:
+  """Modification times of the split and class folders (cache key)."""
+  stamps = []
+  for top in [root, *(os.path.join(root, d) for d in ('train', *VAL_FOLDERS))]:
+    if os.path.isdir(top):
+      stamps.append((top, os.stat(top).st_mtime_ns))
+      stamps += [
+        (e.path, e.stat().st_mtime_ns) for e in os.scandir(top) if e.is_dir()
+      ]
+  return tuple(stamps)
+
+
+def scan(root: str, val_fraction: float, max_unreadable: float) -> FolderScan:
+  """Lists and checks the images of `root` (see the module docstring).
+
+  Args:
+    root: the image folder.
+    val_fraction: part of each class held out when there is no val folder.
+    max_unreadable: largest tolerated fraction of undecodable images.
+
+  Raises:
+    UserError: for a missing or empty folder, a split with too many
+      unreadable images, or no val folder and `val_fraction` <= 0.
+  """
+  root = os.path.normpath(root)
+  return _scan(root, val_fraction, max_unreadable, _signature(root))
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(root, val_fraction, max_unreadable, signature) -> FolderScan:
+  del signature  # Only invalidates the cache.
+  train_dir, val_dir = _split_folders(root)
+  files, ignored = _list_split(train_dir)
+  if not files:
+    raise UserError(f'No class folders in {train_dir}; {LAYOUT}.')
+  train = _check(train_dir, files, max_unreadable)
+  empty = sorted(name for name, images in train.items() if not images)
+  if empty:
+    logging.warning(
+      'Class folders of %s without images are not classes: %s',
+      train_dir,
+      empty,
+    )
+  class_names = tuple(sorted(n for n, images in train.items() if images))
+  if val_dir is None:
+    if val_fraction <= 0 or val_fraction >= 1:
+      raise UserError(
+        f'{root} has no val folder; add {root}/val/<class>/<image> or set '
+        f'config.folder_val_fraction in (0, 1) (now {val_fraction}).'
+      )
+    train, val = _hold_out(train, val_fraction)
+    logging.info(
+      '%s has no val folder: %g%% of each class held out for evaluation '
+      '(fixed seed).',
+      *(root, 100 * val_fraction),
+    )
+  else:
+    val_files, more_ignored = _list_split(val_dir)
+    ignored += more_ignored
+    unknown = sorted(set(val_files) - set(class_names))
+    if unknown:
+      count = sum(len(val_files.pop(name)) for name in unknown)
+      logging.warning(
+        'Skipping %d images in %s of classes without training images: %s',
+        *(count, val_dir, unknown),
+      )
+    if not any(val_files.values()):
+      raise UserError(
+        f'No images of the training classes in {val_dir}; {LAYOUT}.'
+      )
+    val = _check(val_dir, val_files, max_unreadable)
+  if ignored:
+    logging.info(
+      'Ignored %d files that are not images: %s', len(ignored), _shown(ignored)
+    )
+  train_paths, train_labels = _arrays(train, class_names)
+  val_paths, val_labels = _arrays(val, class_names)
+  if not len(val_paths):
+    raise UserError(f'No readable evaluation images for {root}; {LAYOUT}.')
+  sizes = np.array([size for images in train.values() for _, size in images])
+  median = tuple(int(v) for v in np.median(sizes, axis=0))
+  return FolderScan(
+    root=root,
+    class_names=class_names,
+    train_paths=train_paths,
+    train_labels=train_labels,
+    val_paths=val_paths,
+    val_labels=val_labels,
+    median_size=median,
+    held_out=val_dir is None,
+  )
+
+
+def check_preprocessing(preprocessing: str) -> None:
+  """Raises UserError unless `preprocessing` is auto, cifar or imagenet."""
+  if preprocessing not in ('auto', 'cifar', 'imagenet'):
+    raise UserError(
+      'config.folder_preprocessing must be "auto", "cifar" or "imagenet", '
+      f'got {preprocessing!r}.'
+    )
+
+
+def choose_preprocessing(
+  folder: FolderScan, preprocessing: str, image_size: int
+) -> tuple[str, int, str]:
+  """Picks the preprocessing style and input size of a folder.
+
+  `auto` picks CIFAR-style for images whose median side is at most
+  `SMALL_IMAGE_SIDE` pixels, ImageNet-style otherwise. An `image_size` of 0
+  means: CIFAR-style at the median side rounded up to a multiple of 8 (the
+  CIFAR networks halve the size twice and pad by size // 8), ImageNet-style
+  at 224. Explicit values win.
+
+  Returns:
+    (style, image_size, the reason in words).
+  """
+  check_preprocessing(preprocessing)
+  side = max(folder.median_size)
+  style, why = preprocessing, 'config.folder_preprocessing'
+  if style == 'auto':
+    small = side <= SMALL_IMAGE_SIDE
+    style = 'cifar' if small else 'imagenet'
+    why = f'auto: median side {"<=" if small else ">"} {SMALL_IMAGE_SIDE}'
+  size = image_size or (8 * math.ceil(side / 8) if style == 'cifar' else 224)
+  if not image_size:
+    why += ', image_size 0'
+  return style, size, why

@@ -1,0 +1,68 @@
+"""The console of `main.py`: this project's log lines, short and readable.
+
+By default only this project's INFO lines reach the console (`console.py`
+writes them), with the time of day in front; other libraries' INFO lines
+(JAX's missing-libtpu message, clu's progress notes, orbax's saves) are
+dropped and their warnings and errors kept. `main.py --verbosity=0` (or
+higher) skips this and shows absl's full log.
+
+TensorFlow prints a oneDNN banner from C++ when it is imported, past
+`TF_CPP_MIN_LOG_LEVEL`; `native_stderr_silenced` hides what native code
+writes to stderr while it is imported (unless `--verbosity` is given).
+"""
+
+import contextlib
+import logging as std_logging
+import os
+import sys
+
+from absl import logging
+
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OURS = (os.path.join(_PROJECT, 'gunn_jax') + os.sep, 'main.py')
+
+
+def _keep(record: std_logging.LogRecord) -> bool:
+  if record.levelno >= std_logging.WARNING:
+    return True
+  path = os.path.abspath(record.pathname)
+  return path.startswith(_OURS[0]) or os.path.basename(path) == _OURS[1]
+
+
+class _Formatter(std_logging.Formatter):
+  def format(self, record: std_logging.LogRecord) -> str:
+    level = '' if record.levelno < std_logging.WARNING else record.levelname
+    time = self.formatTime(record, '%H:%M:%S')
+    return ' '.join(filter(None, (time, level, record.getMessage())))
+
+
+def console_only() -> None:
+  """Keeps this project's INFO lines and everyone's warnings, briefly."""
+  handler = logging.get_absl_handler()
+  if _keep not in handler.filters:
+    handler.addFilter(_keep)
+  handler.setFormatter(_Formatter())
+
+
+def verbose_requested(argv: list[str]) -> bool:
+  """Whether the command line asks for absl's full log (`--verbosity`)."""
+  return any(
+    arg.split('=')[0] in ('--verbosity', '-v', '--v') for arg in argv[1:]
+  )
+
+
+@contextlib.contextmanager
+def native_stderr_silenced(silenced: bool = True):
+  """Sends file descriptor 2 (native code's stderr) to /dev/null inside."""
+  if not silenced:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with open(os.devnull, 'w') as devnull:
+    os.dup2(devnull.fileno(), 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)

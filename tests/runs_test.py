@@ -1,0 +1,244 @@
+"""A run is its workdir: saved config and dataset, resume checks, console."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+import main
+from configs import tiny
+from gunn_jax import checkpointing, inference, runs, tools, train
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO_ROOT, 'configs', 'tiny.py')
+COLOURS = ('blue', 'green', 'red')
+
+
+def run_main(*argv):
+  """Runs main.main in this process; returns its exit status."""
+  argv = ['main.py', *argv]
+  saved_argv, sys.argv = sys.argv, argv  # config_flags reads overrides here.
+  for name in list(flags.FLAGS):  # Overrides of earlier calls.
+    if name.startswith('config.'):
+      delattr(flags.FLAGS, name)
+  try:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    main.main(['main.py'])
+  except SystemExit as e:
+    return e.code
+  finally:
+    sys.argv = saved_argv
+  return 0
+
+
+def _write_colours(root):
+  """ROOT/{train,val}/<colour>/*.png, 12x10 images of one dominant colour."""
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 8), ('val', 3)):
+    for label, name in enumerate(COLOURS):
+      os.makedirs(root / split / name)
+      for i in range(count):
+        image = rng.integers(0, 90, (12, 10, 3))
+        image[..., 2 - label] += 160
+        Image.fromarray(image.astype(np.uint8)).save(
+          root / split / name / f'{i}.png'
+        )
+
+
+@pytest.fixture(scope='module')
+def folder_run(tmp_path_factory):
+  """A tiny run on an image folder, trained with command-line overrides."""
+  root = tmp_path_factory.mktemp('colours')
+  _write_colours(root)
+  workdir = str(tmp_path_factory.mktemp('run'))
+  status = run_main(
+    f'--config={TINY}',
+    f'--workdir={workdir}',
+    f'--config.dataset=folder:{root}',
+    '--config.num_train_steps=4',
+    '--config.batch_size=8',
+    '--config.eval_every_steps=2',
+  )
+  assert status == 0
+  return {'root': root, 'workdir': workdir}
+
+
+def test_eval_needs_no_training_overrides(folder_run):
+  """`main.py --mode=eval --workdir=RUN`: no --config, no overrides."""
+  workdir = folder_run['workdir']
+  result = subprocess.run(
+    [sys.executable, 'main.py', f'--workdir={workdir}', '--mode=eval'],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = json.loads(result.stdout.strip().splitlines()[-1])
+  last = [
+    json.loads(line)
+    for line in open(os.path.join(workdir, 'metrics.jsonl'))
+    if '"eval"' in line
+  ][-1]
+  assert printed['step'] == last['step'] == 4
+  assert printed['num_examples'] == last['num_examples'] == 9
+  assert printed['top1_error'] == last['top1_error']
+
+
+def test_eval_overrides_apply_on_top_of_the_saved_config(folder_run, caplog):
+  workdir = folder_run['workdir']
+  status = run_main(
+    f'--config={TINY}',
+    f'--workdir={workdir}',
+    '--mode=eval',
+    '--config.max_eval_examples=3',
+    '--verbosity=0',  # INFO lines, also in this process.
+  )
+  assert status == 0
+  messages = '\n'.join(r.getMessage() for r in caplog.records)
+  assert 'Saved config overridden: max_eval_examples=3 (was 0).' in messages
+
+
+def test_classify_without_the_dataset(folder_run, tmp_path, capsys):
+  """Class names and preprocessing come from the workdir's dataset.json."""
+  image = np.zeros((30, 20, 3), np.uint8)
+  image[..., 0] = 250
+  Image.fromarray(image).save(tmp_path / 'red.png')
+  moved = str(folder_run['root']) + '_moved'
+  os.rename(folder_run['root'], moved)
+  try:
+    model = inference.load(folder_run['workdir'])
+    assert model.class_names == COLOURS
+    assert model.info.style == 'cifar' and model.info.image_size == 8
+    ((name, probability), *_), *_ = model.classify([image], k=3)
+    assert name in COLOURS and 0 < probability <= 1
+    capsys.readouterr()
+    status = tools.main(
+      [
+        'classify',
+        f'--workdir={folder_run["workdir"]}',
+        str(tmp_path / 'red.png'),
+      ]
+    )
+    assert status == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(tmp_path / 'red.png')
+    assert {line.split()[-1] for line in lines[1:]} == set(COLOURS)
+  finally:
+    os.rename(moved, folder_run['root'])
+
+
+@pytest.mark.parametrize('change', ['model', 'dataset'])
+def test_resume_with_other_model_or_data_is_refused(tmp_path, capsys, change):
+  workdir = tmp_path / 'run'
+  argv = [f'--config={TINY}', f'--workdir={workdir}', '--config.batch_size=8']
+  assert run_main(*argv, '--config.num_train_steps=2') == 0
+  saved = (workdir / 'config.json').read_text()
+  steps = sorted(os.listdir(workdir / 'checkpoints'))
+  if change == 'model':
+    overrides, named = ['--config.model=sunn_tiny'], 'model'
+  else:
+    _write_colours(tmp_path / 'colours')
+    overrides = [
+      f'--config.dataset=folder:{tmp_path / "colours"}',
+      '--config.learning_rate=0.2',
+    ]
+    named = 'dataset, learning_rate, classes'
+  capsys.readouterr()
+  assert run_main(*argv, '--config.num_train_steps=2', *overrides) == 2
+  error = capsys.readouterr().err
+  assert error == (
+    f'error: {workdir} holds a run with different {named} (see '
+    f'{workdir}/config.json); use another --workdir, or resume it anyway '
+    'with --allow_config_change.\n'
+  )
+  assert (workdir / 'config.json').read_text() == saved
+  assert sorted(os.listdir(workdir / 'checkpoints')) == steps
+
+
+def test_allowed_config_change_resumes(tmp_path):
+  workdir = tmp_path / 'run'
+  argv = [f'--config={TINY}', f'--workdir={workdir}']
+  assert run_main(*argv, '--config.num_train_steps=2') == 0
+  status = run_main(
+    *argv, '--config.num_train_steps=4', '--allow_config_change'
+  )
+  assert status == 0
+  assert checkpointing.latest_step(str(workdir)) == 4
+  assert runs.load_config(str(workdir)).num_train_steps == 4
+
+
+def test_changed_classes_are_named(tmp_path):
+  config = tiny.get_config()
+  workdir = str(tmp_path)
+  info = train.create_experiment(config).info
+  runs.save(workdir, config, info)
+  renamed = info.__class__(
+    **{**info.to_json(), 'class_names': tuple('abcdefghij')}
+  )
+  assert runs.changed_run_keys(workdir, config, renamed) == ['classes']
+  assert runs.changed_run_keys(workdir, config, info) == []
+
+
+def test_console_is_readable(tmp_path):
+  """The real command: header first, progress with ETA, none of the noise."""
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+    [
+      sys.executable,
+      'main.py',
+      f'--config={TINY}',
+      f'--workdir={workdir}',
+      '--config.num_train_steps=4',
+    ],
+    env=dict(os.environ, JAX_PLATFORMS=''),
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [line.split(' ', 1)[1] for line in result.stderr.splitlines()]
+  assert lines[0].startswith('model gunn_tiny: ')
+  assert 'parameters' in lines[0]
+  assert lines[1].startswith('data digits: 1,442 train / 355 eval images, 10')
+  assert lines[2].startswith('devices: ') and 'global batch 16' in lines[2]
+  assert lines[3].startswith('schedule: 4 steps = ')
+  assert lines[4].startswith(f'workdir {workdir}: ')
+  assert lines[4].endswith('new run')
+  progress = [line for line in lines if line.startswith('step ')]
+  assert len(progress) == 2
+  assert re.fullmatch(
+    r'step 4/4  epoch +[\d.]+/[\d.]+  loss [\d.]+  acc +[\d.]+%  '
+    r'[\d,]+ img/s  ETA 0:00:00',
+    progress[-1],
+  )
+  assert sum(line.startswith('eval ') for line in lines) == 2
+  for noise in ('oneDNN', 'libtpu', 'did not provide metrics', 'Traceback'):
+    assert noise not in result.stderr
+  # --verbosity brings back the full log.
+  verbose = subprocess.run(
+    [
+      sys.executable,
+      'main.py',
+      f'--config={TINY}',
+      f'--workdir={tmp_path / "verbose"}',
+      '--config.num_train_steps=1',
+      '--verbosity=0',
+    ],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert verbose.returncode == 0
+  assert 'oneDNN' in verbose.stderr and 'checkpoint' in verbose.stderr.lower()
+  shutil.rmtree(tmp_path / 'verbose')
