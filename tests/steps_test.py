@@ -69,7 +69,7 @@ def test_steps_import_without_tensorflow_clu_or_configs():
   """What an accelerator host imports needs only jax, flax and optax."""
   program = (
     'import sys\n'
-    'from gunn_jax import models, optimization, sharding, steps\n'
+    'from gunn_jax import flops, models, optimization, sharding, steps\n'
     'loaded = {m.split(".")[0] for m in sys.modules}\n'
     'bad = loaded & {"tensorflow", "tensorflow_datasets", "clu",'
     ' "ml_collections"}\n'
