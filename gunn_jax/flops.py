@@ -19,6 +19,8 @@ Model FLOPs of a training step are 3 x forward x global batch (the forward
 pass, and twice its work for the gradients of inputs and weights). Algorithm
 1's recomputation of each unit in the backward pass (section 3.4) is extra
 work the hardware does, not model FLOPs, so it lowers the MFU.
+
+`python -m gunn_jax.flops` prints the count of every registered network.
 """
 
 import math
@@ -26,6 +28,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from gunn_jax import models
 
 # Dense peak TFLOP/s per chip: (device_kind substring, {dtype: peak}), the
 # first match wins. float32 is what XLA runs for float32 matmuls and
@@ -195,3 +199,41 @@ def efficiency(
     'achieved_tflops': achieved / 1e12,
     'mfu': None if peak is None else achieved / (peak * num_devices),
   }
+
+
+def registry_table(names=tuple(models.MODELS)) -> str:
+  """A markdown table: forward GFLOPs per image of registered networks.
+
+  At the paper's input sizes: 224 for the ImageNet networks, 16 for the
+  digits networks (`gunn_mini`, ...), 8 for the test ones, 32 otherwise.
+  """
+  lines = [
+    '| network | input | classes | parameters | forward GFLOPs per image |',
+    '|---|---|---|---|---|',
+  ]
+  for name in names:
+    imagenet = models.MODELS[name].get('imagenet_stem', False)
+    size = (
+      224
+      if imagenet
+      else {'mini': 16, 'tiny': 8}.get(
+        name.split('_')[1] if '_' in name else '', 32
+      )
+    )
+    num_classes = 1000 if imagenet else 10
+    model = models.create_model(name, num_classes)
+    shape = (size, size, 3)
+    params = jax.eval_shape(
+      lambda x, model=model: model.init(jax.random.key(0), x, train=False),
+      jax.ShapeDtypeStruct((1, *shape), jnp.float32),
+    )['params']
+    count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+    lines.append(
+      f'| {name} | {size}x{size} | {num_classes} | {count:,} '
+      f'| {forward_flops_per_image(model, shape) / 1e9:.4g} |'
+    )
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  print(registry_table())

@@ -149,3 +149,10 @@ def test_efficiency_fields():
   }
   cpu = flops.efficiency(10**9, 64, 0.5, 'cpu', 'float32', 1)
   assert cpu['mfu'] is None and cpu['achieved_tflops'] > 0
+
+
+def test_registry_table():
+  lines = flops.registry_table(('gunn15', 'gunn18')).splitlines()
+  assert len(lines) == 4
+  assert '| gunn15 | 32x32 | 10 | 1,585,746 | 1.094 |' in lines
+  assert '| gunn18 | 224x224 | 1000 | 28,909,736 | 15.18 |' in lines
