@@ -28,8 +28,9 @@ backend and forced by an attribute:
   * `batch_units` (SUNN): a scan over the units on CPU, one vmapped
     computation on GPU/TPU.
   * `scan_unroll`: unroll factor of the scans over the P units (1 = a loop);
-    on CPU unrolling bought nothing (`benchmarks/NOTES.md`), on GPU it lets
-    XLA overlap the small kernels of neighbouring units, at compile time.
+    on CPU unrolling by 2 bought nothing and cost 8 MiB
+    (`benchmarks/NOTES.md`); on a GPU, where a unit's kernels are small, it
+    may pay by letting XLA fuse across units; not yet measured.
 """
 
 from typing import Any
