@@ -20,6 +20,14 @@ JAX backend and measures, on random data:
   * flops: `cost_analysis()['flops']` of the compiled step. XLA counts a loop
     body once, not once per iteration, so for the scanned GUNN layers this is
     a lower bound: compare it between runs, not between variants.
+  * forward_flops_per_image, model_flops_per_step (3 x forward x batch),
+    achieved_tflops and mfu (against the chip's dense peak for the dtype;
+    null on CPUs and unknown chips): see `gunn_jax/flops.py`. Algorithm 1's
+    recomputation is not model FLOPs.
+
+`--conv_gradient`, `--batch_units` and `--scan_unroll` force the
+backend-specific paths (config keys of the same names, `configs/base.py`);
+each record repeats them.
 
 Variants: `gunn` (Algorithm-1 backprop, the default), `gunn_autodiff`
 (`memory_efficient=False`) and `sunn` (the simultaneous twin: `gunn15` ->
@@ -49,11 +57,14 @@ import time
 import jax
 
 from benchmarks import input_pipeline as input_benchmark
+from benchmarks import timing
 from configs import base
-from gunn_jax import models, optimization, sharding, train
+from gunn_jax import flops, models, optimization, sharding, train
 
 VARIANTS = ('gunn', 'gunn_autodiff', 'sunn')
 DTYPES = {'float32': False, 'bfloat16': True}  # -> config.half_precision.
+# Config keys of the backend-specific paths (`gunn_jax/layers.py`).
+PATH_KEYS = ('conv_gradient', 'batch_units', 'scan_unroll')
 _NUM_TRAIN_EXAMPLES = 50_000  # Only sets the LR schedule's boundaries.
 
 
@@ -73,17 +84,6 @@ def image_size_of(name: str, requested: int = 0) -> int:
   return requested or (224 if models.MODELS[name].get('imagenet_stem') else 32)
 
 
-def machine() -> dict:
-  device = jax.devices()[0]
-  return {
-    'device_kind': device.device_kind,
-    'platform': device.platform,
-    'device_count': jax.device_count(),
-    'cpu_count': os.cpu_count(),
-    'jax_version': jax.__version__,
-  }
-
-
 def _first(analysis):
   # cost_analysis() is a dict in recent JAX, a list of dicts (one per
   # program) in older versions.
@@ -92,24 +92,38 @@ def _first(analysis):
   return analysis or {}
 
 
+def create_network(name, variant, dtype, paths=None):
+  """The config and model (10 or 1000 classes) of one measured network."""
+  config = base.get_config()
+  config.model = name
+  config.memory_efficient = variant != 'gunn_autodiff'
+  config.half_precision = DTYPES[dtype]
+  config.update(paths or {})
+  num_classes = 1000 if models.MODELS[name].get('imagenet_stem') else 10
+  return config, train.create_model(config, num_classes)
+
+
 def compile_train_step(
-  name, variant, dtype, batch_size, image_size, compiler_options=None
+  name,
+  variant,
+  dtype,
+  batch_size,
+  image_size,
+  compiler_options=None,
+  paths=None,
 ):
   """Compiles the training step of one network for a batch of random data.
 
   The step is jitted as `train.create_experiment` does it (state replicated
   and donated, batch sharded over all devices), but without a dataset, so
-  that ImageNet-style networks keep their 1000 classes.
+  that ImageNet-style networks keep their 1000 classes. `paths` overrides
+  the config's backend choices (`PATH_KEYS`, e.g. {'conv_gradient': 'xla'}).
 
   Returns:
     (compiled step, train state, batch, seconds to lower and compile).
   """
-  config = base.get_config()
-  config.model = name
-  config.memory_efficient = variant != 'gunn_autodiff'
-  config.half_precision = DTYPES[dtype]
-  num_classes = 1000 if models.MODELS[name].get('imagenet_stem') else 10
-  model = train.create_model(config, num_classes)
+  config, model = create_network(name, variant, dtype, paths)
+  num_classes = model.num_classes
   lr_fn = optimization.create_learning_rate_fn(
     config,
     _NUM_TRAIN_EXAMPLES,
@@ -143,22 +157,22 @@ def compile_train_step(
 
 
 def measure_train_step(
-  name, variant, dtype, batch_size, image_size, steps, warmup
+  name, variant, dtype, batch_size, image_size, steps, warmup, paths=None
 ) -> dict:
   """Compiles and times the training step of one network; returns a record."""
   load = os.getloadavg()[0]
   compiled, state, batch, compile_s = compile_train_step(
-    name, variant, dtype, batch_size, image_size
+    name, variant, dtype, batch_size, image_size, paths=paths
   )
   memory = compiled.memory_analysis()
-  flops = _first(compiled.cost_analysis()).get('flops')
-  times = []
-  for i in range(warmup + steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    if i >= warmup:
-      times.append(1000 * (time.perf_counter() - start))
+  xla_flops = _first(compiled.cost_analysis()).get('flops')
+  state, metrics, times = timing.time_steps(
+    compiled, state, batch, steps, warmup
+  )
+  forward = flops.forward_flops_per_image(
+    create_network(name, variant, dtype, paths)[1],
+    (image_size, image_size, 3),
+  )
   loss = float(metrics.compute()['loss'])
   if not math.isfinite(loss):
     raise FloatingPointError(f'{name} {variant} {dtype}: loss is {loss}.')
@@ -176,9 +190,18 @@ def measure_train_step(
     'images_per_s': 1000 * batch_size / median,
     'compile_s': compile_s,
     'temp_bytes': memory.temp_size_in_bytes if memory else None,
-    'flops': float(flops) if flops is not None else None,
+    'flops': float(xla_flops) if xla_flops is not None else None,
     'num_params': sum(x.size for x in jax.tree.leaves(state.params)),
     'load_avg_1m': load,
+    **(paths or {}),
+    **flops.efficiency(
+      forward,
+      batch_size,
+      median / 1000,
+      jax.devices()[0].device_kind,
+      dtype,
+      jax.device_count(),
+    ),
   }
 
 
@@ -208,6 +231,10 @@ def measure_input_pipeline(batch_size, image_size, num_batches) -> dict:
     'flops': None,
     'num_params': None,
     'load_avg_1m': load,
+    'forward_flops_per_image': None,
+    'model_flops_per_step': None,
+    'achieved_tflops': None,
+    'mfu': None,
   }
 
 
@@ -218,8 +245,9 @@ def _cell(value, fmt):
 def markdown_table(records) -> str:
   lines = [
     '| model | variant | dtype | batch | image | step ms median (min-max) '
-    '| images/s | compile s | temp MiB | GFLOP/step | load |',
-    '|---|---|---|---|---|---|---|---|---|---|---|',
+    '| images/s | compile s | temp MiB | XLA GFLOP/step | model GFLOP/image '
+    '| TFLOP/s | MFU | load |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in records:
     step = '-'
@@ -230,11 +258,15 @@ def markdown_table(records) -> str:
       )
     temp = None if r['temp_bytes'] is None else r['temp_bytes'] / 2**20
     gflop = None if r['flops'] is None else r['flops'] / 1e9
+    forward = r['forward_flops_per_image']
+    forward = None if forward is None else forward / 1e9
     lines.append(
       f'| {r["model"]} | {r["variant"]} | {r["dtype"]} | {r["batch_size"]} '
       f'| {r["image_size"]} | {step} | {r["images_per_s"]:.1f} '
       f'| {_cell(r["compile_s"], ".1f")} | {_cell(temp, ".1f")} '
-      f'| {_cell(gflop, ".1f")} | {r["load_avg_1m"]:.2f} |'
+      f'| {_cell(gflop, ".1f")} | {_cell(forward, ".3f")} '
+      f'| {_cell(r["achieved_tflops"], ".3g")} | {_cell(r["mfu"], ".1%")} '
+      f'| {r["load_avg_1m"]:.2f} |'
     )
   return '\n'.join(lines)
 
@@ -283,6 +315,17 @@ def main(argv=None) -> list[dict]:
   parser.add_argument(
     '--input_batches', type=int, default=200, help='0: skip the input record.'
   )
+  parser.add_argument(
+    '--conv_gradient',
+    default='auto',
+    help='auto, xla or taps (config.conv_gradient).',
+  )
+  parser.add_argument(
+    '--batch_units', default='auto', help='auto, vmap or scan (SUNN units).'
+  )
+  parser.add_argument(
+    '--scan_unroll', type=int, default=1, help='Unroll of the unit scans.'
+  )
   parser.add_argument('--json', default=None, help='Output file.')
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
@@ -301,6 +344,7 @@ def main(argv=None) -> list[dict]:
         if (name, variant, dtype) not in runs:
           runs.append((name, variant, dtype))
 
+  paths = {key: getattr(args, key) for key in PATH_KEYS}
   records = []
   for name, variant, dtype in runs:
     image_size = image_size_of(name, args.image_size)
@@ -313,6 +357,7 @@ def main(argv=None) -> list[dict]:
         image_size,
         args.steps,
         args.warmup,
+        paths,
       )
     )
     print(markdown_table(records[-1:]).splitlines()[-1], flush=True)
@@ -322,7 +367,7 @@ def main(argv=None) -> list[dict]:
         args.batch_size, args.input_image_size, args.input_batches
       )
     )
-  description = machine()
+  description = timing.machine()
   records = [{**r, **description} for r in records]
   print(
     f'\n{description["device_kind"]} ({description["platform"]}), '

@@ -16,6 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.memory_efficient = True  # Algorithm-1 backprop in GUNN layers.
   config.half_precision = False  # bfloat16 activations; params stay float32.
   config.bn_group_size = 0  # Examples per BatchNorm group in training; 0 = all.
+  config.conv_gradient = 'auto'  # 3x3 grads: auto (taps on CPU)|xla|taps.
+  config.batch_units = 'auto'  # SUNN units: auto (vmap on GPU/TPU)|vmap|scan.
+  config.scan_unroll = 1  # Unroll factor of the scans over a layer's units.
 
   # Data.
   config.dataset = 'cifar10'  # cifar10|cifar100|imagenet2012|digits|folder:DIR

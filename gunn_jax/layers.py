@@ -14,12 +14,23 @@ does not grow with P. Backpropagation follows Algorithm 1 (section 3.4) when
 `memory_efficient` is set: only the layer's input and output are kept, and
 each unit's input state is rebuilt from them in reverse order.
 
-XLA:CPU notes that shaped this file: 1x1 convolutions are written as `Dense`
-over the channel axis (they are 6-9x faster than `lax.conv` there), and the
-3x3 convolution inside the units has a custom VJP: a forward-layout
-convolution for the input gradient and one channel matmul per kernel tap for
-the kernel gradient (XLA:CPU is 25x slower at its own convolution gradients
-inside a loop body).
+Backend-specific choices (`docs/xla_cpu.md`), each equal in value on every
+backend and forced by an attribute:
+
+  * 1x1 convolutions are `Dense` over the channel axis everywhere (6-9x
+    faster than `lax.conv` on XLA:CPU; a plain matmul on GPU/TPU too).
+  * `conv_gradient` of the units' 3x3 convolution: 'taps' is a custom VJP
+    (a forward-layout convolution for the input gradient, one channel matmul
+    per kernel tap for the kernel gradient), because XLA:CPU is up to 25x
+    slower at its own convolution gradients inside a loop body; 'xla' is the
+    plain convolution with XLA's gradients, which cuDNN and the TPU compiler
+    run as fused convolutions. 'auto' takes 'taps' on CPU, 'xla' elsewhere.
+  * `batch_units` (SUNN): a scan over the units on CPU, one vmapped
+    computation on GPU/TPU.
+  * `scan_unroll`: unroll factor of the scans over the P units (1 = a loop);
+    on CPU unrolling by 2 bought nothing and cost 8 MiB
+    (`benchmarks/NOTES.md`); on a GPU, where a unit's kernels are small, it
+    may pay by letting XLA fuse across units; not yet measured.
 """
 
 from typing import Any
@@ -38,6 +49,25 @@ ModuleDef = Any
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
+CONV_GRADIENTS = ('auto', 'xla', 'taps')
+
+
+def resolve_conv_gradient(choice: str) -> str:
+  """'taps' or 'xla' for a `conv_gradient` choice.
+
+  'auto' is decided at trace time from `jax.default_backend()`: the
+  per-tap custom VJP on CPU, XLA's own convolution gradients on GPU and TPU.
+
+  Raises:
+    ValueError: for a choice not in `CONV_GRADIENTS`.
+  """
+  if choice not in CONV_GRADIENTS:
+    raise ValueError(
+      f'conv_gradient must be one of {CONV_GRADIENTS}, got {choice!r}.'
+    )
+  if choice == 'auto':
+    return 'taps' if jax.default_backend() == 'cpu' else 'xla'
+  return choice
 
 
 def _conv(images: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
@@ -120,11 +150,14 @@ class ConvSame(nn.Module):
     features: output channels.
     kernel_size: odd spatial size k.
     dtype: computation dtype.
+    gradient: 'taps' (`conv_same`'s custom VJP), 'xla' (XLA's own
+      gradients) or 'auto' (`resolve_conv_gradient`); same values.
   """
 
   features: int
   kernel_size: int = 3
   dtype: Dtype = jnp.float32
+  gradient: str = 'auto'
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -137,7 +170,10 @@ class ConvSame(nn.Module):
       (self.kernel_size, self.kernel_size, images.shape[-1], self.features),
       jnp.float32,
     )
-    return conv_same(images.astype(self.dtype), kernel.astype(self.dtype))
+    images, kernel = images.astype(self.dtype), kernel.astype(self.dtype)
+    if resolve_conv_gradient(self.gradient) == 'taps':
+      return conv_same(images, kernel)
+    return _conv(images, kernel, self.kernel_size // 2)
 
 
 def batch_norm(
@@ -196,6 +232,7 @@ class BottleneckUnit(nn.Module):
     shortcut: whether to add the projection shortcut.
     dtype: computation dtype; parameters are float32.
     bn_group_size: examples per BatchNorm statistics group; 0 = the batch.
+    conv_gradient: the 3x3 convolutions' gradient (`ConvSame.gradient`).
   """
 
   features: int
@@ -204,6 +241,7 @@ class BottleneckUnit(nn.Module):
   shortcut: bool = False
   dtype: Dtype = jnp.float32
   bn_group_size: int = 0
+  conv_gradient: str = 'auto'
 
   @nn.compact
   def __call__(self, state: jax.Array, train: bool) -> jax.Array:
@@ -243,9 +281,13 @@ class BottleneckUnit(nn.Module):
   def _bottleneck_tail(self, hidden, train, prefix):
     """Everything of a bottleneck after its first 1x1 convolution."""
     hidden = nn.relu(self._batch_norm(train, f'{prefix}_bn1')(hidden))
-    hidden = ConvSame(hidden.shape[-1], 3, self.dtype, name=f'{prefix}_conv2')(
-      hidden
-    )
+    hidden = ConvSame(
+      hidden.shape[-1],
+      3,
+      self.dtype,
+      self.conv_gradient,
+      name=f'{prefix}_conv2',
+    )(hidden)
     hidden = nn.relu(self._batch_norm(train, f'{prefix}_bn2')(hidden))
     hidden = conv1x1(self.features, self.dtype, f'{prefix}_conv3')(hidden)
     return self._batch_norm(train, f'{prefix}_bn3')(hidden)
@@ -260,13 +302,14 @@ def _make_update_fn(
   train: bool,
   memory_efficient: bool,
   batched: bool,
+  unroll: int = 1,
 ):
   """Returns `update(params, stats, x) -> (y, new_stats)` for one layer.
 
   `params` and `stats` are the units' variables stacked on a leading axis of
   size P; `stats` is `{}` for units without BatchNorm; `size` is o = N / P.
   `batched` (SUNN only) runs the units as one vmapped computation instead of
-  a scan.
+  a scan; `unroll` is the scans' unroll factor (forward and Algorithm 1).
   """
 
   def apply_unit(params, stats, state):
@@ -298,7 +341,9 @@ def _make_update_fn(
         out = out + segment(x, index)
       return put_segment(state, out.astype(state.dtype), index), new_stats
 
-    return lax.scan(body, x, (jnp.arange(num_segments), params, stats))
+    return lax.scan(
+      body, x, (jnp.arange(num_segments), params, stats), unroll=unroll
+    )
 
   def backward(residuals, cotangents):
     """Algorithm 1: rebuild each unit's input from x and y, in reverse."""
@@ -334,6 +379,7 @@ def _make_update_fn(
       (state, grad_x),
       (jnp.arange(num_segments), params, stats),
       reverse=True,
+      unroll=unroll,
     )
     return grad_params, jax.tree.map(jnp.zeros_like, stats), grad_x
 
@@ -383,8 +429,11 @@ class GUNNLayer(nn.Module):
     memory_efficient: backpropagate with Algorithm 1 (keeps only x and y).
     batch_units: SUNN only: run the P units as one vmapped computation (one
       wide 1x1 matmul, grouped 3x3 convolutions) instead of a scan over them.
-      None chooses by backend: batched on GPU/TPU, a scan on CPU, where
-      XLA's grouped convolutions are 10-20x slower (`docs/xla_cpu.md`).
+      None chooses by backend at trace time (`jax.default_backend()`):
+      batched on GPU/TPU, a scan on CPU, where XLA's grouped convolutions
+      are 10-20x slower (`docs/xla_cpu.md`).
+    scan_unroll: unroll factor of the scans over the units (>= 1); the
+      values do not depend on it.
   """
 
   unit_cls: ModuleDef
@@ -393,6 +442,7 @@ class GUNNLayer(nn.Module):
   residual: bool = True
   memory_efficient: bool = True
   batch_units: bool | None = None
+  scan_unroll: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -407,6 +457,8 @@ class GUNNLayer(nn.Module):
         f'GUNN layer: {channels} channels cannot be split '
         f'into {self.num_segments} equal segments.'
       )
+    if self.scan_unroll < 1:
+      raise ValueError(f'scan_unroll must be >= 1, got {self.scan_unroll}.')
     unit = self.unit_cls()
     sample = jnp.zeros((1,) + x.shape[1:], x.dtype)
     initialised = {}
@@ -439,6 +491,7 @@ class GUNNLayer(nn.Module):
       train,
       self.memory_efficient,
       self._batches_units(),
+      self.scan_unroll,
     )
     y, new_stats = update(params, stats, x)
     if stats and train and not self.is_initializing():

@@ -45,6 +45,11 @@ class GUNNNet(nn.Module):
       authors' per-GPU share of the batch); 0 = the whole batch.
     dtype: activation dtype (bfloat16 on TPU/GPU); parameters and BatchNorm
       statistics stay float32, logits are float32.
+    conv_gradient: 'auto', 'xla' or 'taps': how the units' 3x3
+      convolutions are differentiated (`layers.resolve_conv_gradient`).
+    batch_units: SUNN layers: None (by backend), True (vmapped units) or
+      False (a scan over them); see `layers.GUNNLayer`.
+    scan_unroll: unroll factor of the GUNN layers' scans over their units.
   """
 
   num_classes: int
@@ -61,6 +66,9 @@ class GUNNNet(nn.Module):
   memory_efficient: bool = True
   bn_group_size: int = 0
   dtype: Dtype = jnp.float32
+  conv_gradient: str = 'auto'
+  batch_units: bool | None = None
+  scan_unroll: int = 1
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
@@ -122,6 +130,7 @@ class GUNNNet(nn.Module):
         shortcut=self.shortcut,
         dtype=self.dtype,
         bn_group_size=self.bn_group_size,
+        conv_gradient=self.conv_gradient,
       )
       x = layers.GUNNLayer(
         unit_cls,
@@ -129,6 +138,8 @@ class GUNNNet(nn.Module):
         self.mode,
         self.residual,
         self.memory_efficient,
+        self.batch_units if self.mode == 'simultaneous' else None,
+        self.scan_unroll,
         name=f'stage{stage + 1}_gunn',
       )(x, train)
       self.sow('intermediates', f'stage{stage + 1}_gunn_output', x)
@@ -232,4 +243,12 @@ def create_model(name: str, num_classes: int, **overrides) -> GUNNNet:
   unknown = set(overrides) - set(GUNNNet.__dataclass_fields__)
   if unknown:
     raise ValueError(f'Unknown model attributes {sorted(unknown)}.')
-  return GUNNNet(num_classes=num_classes, **{**MODELS[name], **overrides})
+  model = GUNNNet(num_classes=num_classes, **{**MODELS[name], **overrides})
+  if model.conv_gradient not in layers.CONV_GRADIENTS:
+    raise ValueError(
+      f'conv_gradient must be one of {layers.CONV_GRADIENTS}, '
+      f'got {model.conv_gradient!r}.'
+    )
+  if model.scan_unroll < 1:
+    raise ValueError(f'scan_unroll must be >= 1, got {model.scan_unroll}.')
+  return model

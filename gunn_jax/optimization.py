@@ -5,13 +5,19 @@ schedules: step decay at epoch boundaries (CIFAR: x0.1 at 50% and 75%;
 ImageNet: the authors' 120 epochs or DenseNet's 90) and the snapshot
 ensemble's cyclic cosine (Huang et al. 2017). Durations in epochs become
 steps in `steps_for_epochs` only.
+
+`config` is a `ConfigDict` of `configs/base.py`, or any object with the same
+attributes (read by attribute only), so that this module imports without
+ml_collections on an accelerator host (`benchmarks/accelerator.py`).
 """
 
 import math
+from typing import Any
 
 import jax.numpy as jnp
-import ml_collections
 import optax
+
+Config = Any  # Attributes of `configs/base.py`'s ConfigDict.
 
 
 def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
@@ -24,9 +30,7 @@ def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
   return math.ceil(round(epochs * num_examples / batch_size, 6))
 
 
-def total_train_steps(
-  config: ml_collections.ConfigDict, num_train_examples: int
-) -> int:
+def total_train_steps(config: Config, num_train_examples: int) -> int:
   if config.num_train_steps > 0:
     return config.num_train_steps
   return steps_for_epochs(
@@ -35,7 +39,7 @@ def total_train_steps(
 
 
 def create_learning_rate_fn(
-  config: ml_collections.ConfigDict,
+  config: Config,
   num_train_examples: int,
   num_train_steps: int,
 ) -> optax.Schedule:
@@ -70,9 +74,7 @@ def _snapshot_cycle_steps(config, num_train_steps: int) -> int:
   return math.ceil(num_train_steps / config.snapshot_cycles)
 
 
-def snapshot_steps(
-  config: ml_collections.ConfigDict, num_train_steps: int
-) -> tuple[int, ...]:
+def snapshot_steps(config: Config, num_train_steps: int) -> tuple[int, ...]:
   """Steps that end a cycle of the 'snapshot' schedule (else empty).
 
   The learning rate is lowest there: the snapshots of Huang et al. (2017).
@@ -86,9 +88,7 @@ def snapshot_steps(
   )
 
 
-def create_optimizer(
-  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
-):
+def create_optimizer(config: Config, learning_rate_fn: optax.Schedule):
   # Torch's coupled L2: the decay joins the gradient before the momentum.
   return optax.chain(
     optax.add_decayed_weights(config.weight_decay),

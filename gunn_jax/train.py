@@ -16,7 +16,7 @@ ImageNet's data order when the process count changes.
 """
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import flax
 import jax
@@ -26,7 +26,6 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metrics, parameter_overview, periodic_actions
-from flax.training import train_state
 
 from gunn_jax import (
   checkpointing,
@@ -39,14 +38,18 @@ from gunn_jax import (
   optimization,
   runs,
   sharding,
+  steps,
 )
 from gunn_jax.errors import UserError
 
-
-class TrainState(train_state.TrainState):
-  """Parameters, optimiser state and BatchNorm running statistics."""
-
-  batch_stats: Any
+# The steps live in `steps.py` (no TensorFlow, clu or configs there); these
+# names keep `train.TrainState`, `train.eval_step`, ... working.
+TrainState = steps.TrainState
+create_train_state = steps.create_train_state
+training_loss = steps.training_loss
+compute_gradients = steps.compute_gradients
+log_probabilities = steps.log_probabilities
+eval_step = steps.eval_step
 
 
 @flax.struct.dataclass
@@ -57,123 +60,38 @@ class TrainMetrics(metrics.Collection):
   param_norm: metrics.Average.from_output('param_norm')  # After the update.
 
 
+# config.batch_units -> `models.GUNNNet.batch_units`.
+BATCH_UNITS = {'auto': None, 'vmap': True, 'scan': False}
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
-  """Builds `config.model`; raises UserError for an unknown name."""
+  """Builds `config.model`; raises UserError for an unknown name or option."""
+  batch_units = config.get('batch_units', 'auto')
+  if batch_units not in BATCH_UNITS:
+    raise UserError(
+      f'config.batch_units must be one of {sorted(BATCH_UNITS)}, '
+      f'got {batch_units!r}.'
+    )
   try:
     return models.create_model(
       config.model,
       num_classes,
       dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
       memory_efficient=config.memory_efficient,
-      # Runs saved before the key existed normalised the whole batch.
+      # Runs saved before these keys existed used their defaults.
       bn_group_size=config.get('bn_group_size', 0),
+      conv_gradient=config.get('conv_gradient', 'auto'),
+      batch_units=BATCH_UNITS[batch_units],
+      scan_unroll=config.get('scan_unroll', 1),
     )
   except ValueError as e:
     raise UserError(str(e)) from e
 
 
-def create_train_state(model, tx, image_shape, rng) -> TrainState:
-  """Initialises parameters and optimiser state (call under jit)."""
-  variables = model.init(rng, jnp.zeros((1, *image_shape)), train=False)
-  return TrainState.create(
-    apply_fn=model.apply,
-    params=variables['params'],
-    batch_stats=variables['batch_stats'],
-    tx=tx,
-  )
-
-
-def training_loss(
-  apply_fn: Callable, params, batch_stats, batch: dict[str, jax.Array]
-):
-  """The mean softmax cross-entropy of the model in training mode.
-
-  BatchNorm uses the batch's statistics.
-
-  Returns:
-    (loss, (logits [B, num_classes], the updated BatchNorm running averages)).
-  """
-  logits, updates = apply_fn(
-    {'params': params, 'batch_stats': batch_stats},
-    batch['images'],
-    train=True,
-    mutable=['batch_stats'],
-  )
-  loss = optax.softmax_cross_entropy_with_integer_labels(
-    logits, batch['labels']
-  ).mean()
-  return loss, (logits, updates['batch_stats'])
-
-
-def compute_gradients(state: TrainState, batch: dict[str, jax.Array]):
-  """The training loss (`training_loss`) and its gradients on a batch.
-
-  Returns:
-    (grads, (loss, logits, batch_stats)): gradients w.r.t. `state.params`;
-    the loss, the logits [B, num_classes] and the updated BatchNorm running
-    averages.
-  """
-
-  def loss_fn(params):
-    loss, (logits, batch_stats) = training_loss(
-      state.apply_fn, params, state.batch_stats, batch
-    )
-    return loss, (loss, logits, batch_stats)
-
-  return jax.grad(loss_fn, has_aux=True)(state.params)
-
-
 def train_step(state: TrainState, batch: dict[str, jax.Array]):
-  """One SGD step on a (global) batch; returns the state and TrainMetrics."""
-  grads, (loss, logits, batch_stats) = compute_gradients(state, batch)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  step_metrics = TrainMetrics.single_from_model_output(
-    loss=loss,
-    accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['labels']),
-    grad_norm=optax.global_norm(grads),
-    param_norm=optax.global_norm(state.params),
-  )
-  return state, step_metrics
-
-
-def log_probabilities(
-  apply_fn: Callable, variables: dict, images: jax.Array
-) -> jax.Array:
-  """Evaluation-mode log class probabilities [B, num_classes].
-
-  Images [B, H, W, C], or [B, crops, H, W, C] for multi-crop evaluation,
-  where the softmax outputs are averaged over the crops.
-  """
-  if images.ndim == 4:
-    return jax.nn.log_softmax(apply_fn(variables, images, train=False))
-  logits = apply_fn(
-    variables, images.reshape(-1, *images.shape[2:]), train=False
-  )
-  # log(mean over crops of softmax), without underflow to log(0).
-  log_probs = jax.nn.log_softmax(logits).reshape(*images.shape[:2], -1)
-  return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(images.shape[1])
-
-
-def eval_step(
-  state: TrainState, batch: dict[str, jax.Array]
-) -> dict[str, jax.Array]:
-  """Sums of loss and correct top-1/top-5 over the unmasked examples.
-
-  Images [B, H, W, C], or [B, crops, H, W, C] for multi-crop evaluation,
-  where the softmax outputs are averaged over the crops.
-  """
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  log_probs = log_probabilities(state.apply_fn, variables, batch['images'])
-  labels = batch['labels']
-  mask = batch['mask'].astype(bool)
-  loss = -jnp.take_along_axis(log_probs, labels[:, None], -1)[:, 0]
-  _, top5 = jax.lax.top_k(log_probs, min(5, log_probs.shape[-1]))
-  return {
-    'loss': jnp.sum(jnp.where(mask, loss, 0.0)),
-    'top1': jnp.sum(mask & (top5[:, 0] == labels)),
-    'top5': jnp.sum(mask & jnp.any(top5 == labels[:, None], -1)),
-    'count': jnp.sum(mask),
-  }
+  """One SGD step (`steps.train_step`); returns the state and TrainMetrics."""
+  state, step_metrics = steps.train_step(state, batch)
+  return state, TrainMetrics.single_from_model_output(**step_metrics)
 
 
 def evaluate(step_fn: Callable, state: TrainState, eval_batches) -> dict:

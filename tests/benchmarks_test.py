@@ -150,12 +150,25 @@ def test_tiny_run_writes_json(tmp_path, capsys):
     assert r['images_per_s'] == pytest.approx(4000 / r['step_ms_median'])
     assert isinstance(r['temp_bytes'], int) and r['temp_bytes'] > 0
     assert isinstance(r['num_params'], int) and r['num_params'] > 0
+    forward = r['forward_flops_per_image']
+    assert isinstance(forward, int) and forward > 0
+    assert r['model_flops_per_step'] == 3 * 4 * forward
+    assert r['achieved_tflops'] == pytest.approx(
+      r['model_flops_per_step'] / r['step_ms_median'] / 1e9
+    )
+    assert r['mfu'] is None  # No peak for CPUs.
+    assert (r['conv_gradient'], r['batch_units'], r['scan_unroll']) == (
+      'auto',
+      'auto',
+      1,
+    )
   # The variant reaches the model: Algorithm 1 keeps fewer activations.
   gunn, autodiff, _ = steps
   assert gunn['num_params'] == autodiff['num_params']
   assert gunn['temp_bytes'] < autodiff['temp_bytes']
   assert pipeline['image_size'] == 16
   assert pipeline['compile_s'] is None and pipeline['temp_bytes'] is None
+  assert pipeline['forward_flops_per_image'] is None
 
   table = capsys.readouterr().out
   assert '| model | variant | dtype |' in table

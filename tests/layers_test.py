@@ -23,6 +23,8 @@ def make_layer(
   dtype=jnp.float64,
   batch_units=None,
   bn_group_size=0,
+  conv_gradient='auto',
+  scan_unroll=1,
 ):
   unit_cls = functools.partial(
     layers.BottleneckUnit,
@@ -32,9 +34,16 @@ def make_layer(
     shortcut=True,
     dtype=dtype,
     bn_group_size=bn_group_size,
+    conv_gradient=conv_gradient,
   )
   return layers.GUNNLayer(
-    unit_cls, segments, mode, residual, memory_efficient, batch_units
+    unit_cls,
+    segments,
+    mode,
+    residual,
+    memory_efficient,
+    batch_units,
+    scan_unroll,
   )
 
 
@@ -264,6 +273,109 @@ def test_conv_same_gradients_equal_lax():
     np.testing.assert_allclose(out, out_ref, rtol=1e-12)
     for grad, grad_ref in zip(grads, grads_ref):
       np.testing.assert_allclose(grad, grad_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('gradient', ['taps', 'xla', 'auto'])
+def test_conv_same_module_gradients_equal_lax(gradient):
+  """Every `gradient` choice of `ConvSame` has XLA's values and gradients."""
+  with jax.enable_x64(True):
+    images = normal((2, 5, 6, 3), 0)
+    module = layers.ConvSame(4, 3, jnp.float64, gradient)
+    variables = module.init(jax.random.key(0), images)
+    kernel = jnp.asarray(variables['params']['kernel'], jnp.float64)
+    cotangent = normal((2, 5, 6, 4), 2)
+
+    def value_and_vjp(fn):
+      out, vjp = jax.vjp(fn, images, kernel)
+      return out, vjp(cotangent)
+
+    out, grads = jax.jit(value_and_vjp, static_argnums=0)(
+      lambda x, k: module.apply({'params': {'kernel': k}}, x)
+    )
+    out_ref, grads_ref = jax.jit(value_and_vjp, static_argnums=0)(
+      lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+      )
+    )
+    np.testing.assert_allclose(out, out_ref, rtol=1e-12)
+    for grad, grad_ref in zip(grads, grads_ref):
+      np.testing.assert_allclose(grad, grad_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+  'backend, gradient', [('cpu', 'taps'), ('gpu', 'xla'), ('tpu', 'xla')]
+)
+def test_auto_conv_gradient_follows_the_backend(monkeypatch, backend, gradient):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert layers.resolve_conv_gradient('auto') == gradient
+  assert layers.resolve_conv_gradient('taps') == 'taps'
+  assert layers.resolve_conv_gradient('xla') == 'xla'
+  with pytest.raises(ValueError, match='conv_gradient'):
+    layers.resolve_conv_gradient('cudnn')
+
+
+def _primitives(layer, x):
+  """Names of the primitives in the layer's training-mode gradient."""
+  variables = jax.eval_shape(
+    functools.partial(layer.init, train=False), jax.random.key(0), x
+  )
+
+  def loss(params):
+    y, _ = layer.apply(
+      {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+    )
+    return jnp.sum(y)
+
+  return str(jax.make_jaxpr(jax.grad(loss))(variables['params']))
+
+
+@pytest.mark.parametrize('backend', ['cpu', 'gpu'])
+def test_auto_choices_are_made_at_trace_time(monkeypatch, backend):
+  """'auto' takes the per-tap VJP and scanned SUNN units on CPU only."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  x = jnp.zeros((2, 4, 4, CHANNELS))
+  gunn = _primitives(make_layer(dtype=jnp.float32), x)
+  sunn = _primitives(make_layer('simultaneous', dtype=jnp.float32), x)
+  on_cpu = backend == 'cpu'
+  assert ('custom_vjp_call' in gunn and 'conv_same' in gunn) == on_cpu
+  assert ('scan[' in sunn) == on_cpu
+  assert ('feature_group_count=3' in sunn) == (not on_cpu)
+
+
+@pytest.mark.parametrize(
+  'mode, memory_efficient, conv_gradient, scan_unroll',
+  [
+    ('gradual', True, 'xla', 1),
+    ('gradual', False, 'xla', 1),
+    ('simultaneous', True, 'xla', 1),
+    ('gradual', True, 'taps', 2),
+    ('gradual', False, 'taps', 3),
+  ],
+)
+def test_layer_options_keep_values_and_gradients(
+  mode, memory_efficient, conv_gradient, scan_unroll
+):
+  """Forced conv gradients and scan unrolling change no value (float64)."""
+  with jax.enable_x64(True):
+    x = normal((4, 5, 5, CHANNELS))
+    target = normal(x.shape, seed=3)
+    results = [
+      train_mode_gradients(
+        make_layer(
+          mode,
+          memory_efficient=memory_efficient,
+          conv_gradient=gradient,
+          scan_unroll=unroll,
+        ),
+        x,
+        lambda y: jnp.sum((y - target) ** 3),
+      )
+      for gradient, unroll in (('taps', 1), (conv_gradient, scan_unroll))
+    ]
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-10, atol=1e-12),
+      *results,
+    )
 
 
 def test_indivisible_channels_are_rejected():

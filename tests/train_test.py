@@ -108,6 +108,24 @@ def test_optimizer_is_torch_sgd_nesterov_with_coupled_decay():
   np.testing.assert_allclose(params['w'], p, rtol=1e-6)
 
 
+def test_backend_options_reach_the_model():
+  config = tiny_config(conv_gradient='xla', batch_units='vmap', scan_unroll=2)
+  model = train.create_model(config, 10)
+  assert (model.conv_gradient, model.batch_units, model.scan_unroll) == (
+    'xla',
+    True,
+    2,
+  )
+  assert train.create_model(tiny_config(), 10).batch_units is None
+  for key, value in [
+    ('batch_units', 'grouped'),
+    ('conv_gradient', 'cudnn'),
+    ('scan_unroll', 0),
+  ]:
+    with pytest.raises(UserError, match=key):
+      train.create_model(tiny_config(**{key: value}), 10)
+
+
 def _fake_state(apply_fn):
   return train.TrainState.create(
     apply_fn=apply_fn, params={}, batch_stats={}, tx=optax.sgd(0.1)

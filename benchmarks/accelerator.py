@@ -1,0 +1,390 @@
+"""One-command check of a GPU or TPU: speed, memory, MFU, and learning.
+
+    python -m benchmarks.accelerator --json out.json
+
+Runs on the default JAX backend with jax, flax, optax, numpy and
+scikit-learn only (no TensorFlow, TFDS, clu or ml_collections), in about
+five minutes on one accelerator:
+
+1. Digits: the quickstart (`configs/quickstart.py`: gunn_mini, 16x16, batch
+   64, 15 epochs, step decay) through the real train step. The images sit on
+   the device beforehand and each step gathers its batch there, so the input
+   pipeline is not what is timed. No augmentation: the final test accuracy
+   on the 355 test digits shows that training works on the device, not the
+   quickstart's figure.
+2. Train steps (`gunn_jax.steps.train_step`, the paper's SGD, BatchNorm in
+   training mode, state donated, batch sharded over all devices) of GUNN-15
+   and SUNN-15 at per-device batch 64 and 256 in float32 and bfloat16,
+   GUNN-24 at 64 in bfloat16 and GUNN-18 (224x224) at 64 in bfloat16, on
+   random data, with the backend's default paths (`conv_gradient` and
+   `batch_units` 'auto').
+
+Every record has the step time (median), images/s, compile time, memory,
+`forward_flops_per_image`, `model_flops_per_step`, `achieved_tflops` and
+`mfu` (`gunn_jax/flops.py`), and the device kind, platform and JAX version.
+Memory is the device's `peak_bytes_in_use` where the backend reports it (a
+process-wide peak up to the end of that record: cases run in the order
+above) and otherwise XLA's estimate for the compiled step (arguments,
+outputs and temporaries). `--max_minutes` skips the cases that would start
+after it, recorded with `skipped: true`.
+
+`--quick` (tiny models, a few steps; about half a minute on a CPU) is what
+the test suite runs.
+"""
+
+import argparse
+import functools
+import json
+import statistics
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import timing
+from gunn_jax import flops, models, optimization, sharding, steps
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# (network, activation dtype, per-device batch, image side).
+CASES = tuple(
+  (name, dtype, batch, 32)
+  for name in ('gunn15', 'sunn15')
+  for batch in (64, 256)
+  for dtype in ('float32', 'bfloat16')
+) + (('gunn24', 'bfloat16', 64, 32), ('gunn18', 'bfloat16', 64, 224))
+QUICK_CASES = (('gunn_tiny', 'float32', 4, 8), ('sunn_tiny', 'bfloat16', 4, 8))
+
+# The optimiser settings of `configs/base.py` and the quickstart's of
+# `configs/quickstart.py`, written out because this module must not import
+# ml_collections; `tests/accelerator_test.py` checks that they are equal.
+BASE = dict(
+  batch_size=64,
+  num_epochs=300.0,
+  num_train_steps=-1,
+  learning_rate=0.1,
+  momentum=0.9,
+  nesterov=True,
+  weight_decay=1e-4,
+  lr_schedule='step',
+  lr_boundaries_epochs=(150.0, 225.0),
+  lr_scales=(0.1, 0.01),
+  snapshot_cycles=6,
+)
+QUICKSTART = dict(
+  BASE,
+  model='gunn_mini',
+  batch_size=64,
+  eval_batch_size=128,
+  num_epochs=15.0,
+  lr_boundaries_epochs=(7.5, 11.25),
+)
+DIGITS_IMAGE_SIZE = 16  # The digits' default side (`gunn_jax/datasets.py`).
+# --quick: the tiny config's model, side and learning rate, a few steps.
+QUICK_DIGITS = dict(
+  QUICKSTART,
+  model='gunn_tiny',
+  batch_size=32,
+  num_train_steps=80,
+  learning_rate=0.05,
+)
+QUICK_DIGITS_IMAGE_SIZE = 8
+_NUM_TRAIN_EXAMPLES = 50_000  # Only sets the step schedule's boundaries.
+_DIGITS_TEST_EVERY = (
+  5  # The k-th digit of a class is a test digit iff k % 5 == 4.
+)
+
+
+def _optimizer(settings: dict, num_examples: int):
+  config = types.SimpleNamespace(**settings)
+  num_steps = optimization.total_train_steps(config, num_examples)
+  lr_fn = optimization.create_learning_rate_fn(config, num_examples, num_steps)
+  return optimization.create_optimizer(config, lr_fn), num_steps
+
+
+def _memory(compiled) -> dict:
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return {'memory_bytes': stats['peak_bytes_in_use'], 'memory': 'peak'}
+  analysis = compiled.memory_analysis()
+  total = None
+  if analysis is not None:
+    total = (
+      analysis.argument_size_in_bytes
+      + analysis.output_size_in_bytes
+      - analysis.alias_size_in_bytes
+      + analysis.temp_size_in_bytes
+    )
+  return {'memory_bytes': total, 'memory': 'xla_estimate'}
+
+
+def measure_step(name, dtype, per_device_batch, image_size, num_steps, warmup):
+  """Compiles and times one network's train step; returns a record."""
+  imagenet = models.MODELS[name].get('imagenet_stem', False)
+  num_classes = 1000 if imagenet else 10
+  model = models.create_model(name, num_classes, dtype=DTYPES[dtype])
+  tx, _ = _optimizer(BASE, _NUM_TRAIN_EXAMPLES)
+  batch_size = per_device_batch * jax.device_count()
+  image_shape = (image_size, image_size, 3)
+  mesh = sharding.create_mesh()
+  replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  state = jax.jit(
+    functools.partial(steps.create_train_state, model, tx, image_shape),
+    out_shardings=replicated,
+  )(jax.random.key(0))
+  image_key, label_key = jax.random.split(jax.random.key(1))
+  batch = jax.device_put(
+    {
+      'images': jax.random.normal(image_key, (batch_size, *image_shape)),
+      'labels': jax.random.randint(label_key, (batch_size,), 0, num_classes),
+    },
+    batched,
+  )
+  start = time.perf_counter()
+  compiled = (
+    jax.jit(
+      steps.train_step,
+      in_shardings=(replicated, batched),
+      out_shardings=(replicated, replicated),
+      donate_argnums=0,
+    )
+    .lower(state, batch)
+    .compile()
+  )
+  compile_s = time.perf_counter() - start
+  state, metrics, times = timing.time_steps(
+    compiled, state, batch, num_steps, warmup
+  )
+  loss = float(metrics['loss'])
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'{name} {dtype}: loss is {loss}.')
+  median = statistics.median(times)
+  return {
+    'kind': 'train_step',
+    'model': name,
+    'dtype': dtype,
+    'batch_size': batch_size,
+    'image_size': image_size,
+    'steps': num_steps,
+    'step_ms': median,
+    'images_per_s': 1000 * batch_size / median,
+    'compile_s': compile_s,
+    **_memory(compiled),
+    **flops.efficiency(
+      flops.forward_flops_per_image(model, image_shape),
+      batch_size,
+      median / 1000,
+      jax.devices()[0].device_kind,
+      dtype,
+      jax.device_count(),
+    ),
+  }
+
+
+def load_digits(image_size: int):
+  """scikit-learn's digits as `gunn_jax/datasets.py` splits them.
+
+  Returns:
+    ((train images, train labels), (test images, test labels)): images
+    [n, image_size, image_size, 3] float32, normalised per channel with the
+    training split's mean and standard deviation on the 0..255 scale;
+    labels int32. Resized bilinearly from 8x8 with `jax.image.resize`.
+  """
+  from sklearn import datasets  # Only the digits need scikit-learn.
+
+  digits = datasets.load_digits()
+  images = np.round(digits.images * (255 / 16))[..., None]
+  images = np.asarray(
+    jax.image.resize(
+      jnp.asarray(images, jnp.float32),
+      (len(images), image_size, image_size, 1),
+      'linear',
+    )
+  )
+  images = np.repeat(np.clip(np.round(images), 0, 255), 3, axis=-1)
+  labels = digits.target.astype(np.int32)
+  rank = np.zeros_like(labels)
+  for label in np.unique(labels):
+    where = np.flatnonzero(labels == label)
+    rank[where] = np.arange(len(where))
+  test = rank % _DIGITS_TEST_EVERY == _DIGITS_TEST_EVERY - 1
+  mean, std = images[~test].mean(), images[~test].std()
+  images = ((images - mean) / std).astype(np.float32)
+  return (images[~test], labels[~test]), (images[test], labels[test])
+
+
+def train_digits(settings: dict, image_size: int) -> dict:
+  """Trains `settings['model']` on digits with the real step; a record."""
+  (train_images, train_labels), (test_images, test_labels) = load_digits(
+    image_size
+  )
+  model = models.create_model(settings['model'], 10)
+  tx, num_steps = _optimizer(settings, len(train_labels))
+  batch_size = settings['batch_size']
+  mesh = sharding.create_mesh()
+  replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  rng = np.random.default_rng(0)
+  epochs = -(-num_steps * batch_size // len(train_labels))
+  order = np.concatenate(
+    [rng.permutation(len(train_labels)) for _ in range(epochs)]
+  )[: num_steps * batch_size].reshape(num_steps, batch_size)
+  data = jax.device_put(
+    (train_images, train_labels, order.astype(np.int32)), replicated
+  )
+  jax.block_until_ready(data)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state, data, index):
+    images, labels, order = data
+    batch = jax.lax.with_sharding_constraint(
+      {'images': images[order[index]], 'labels': labels[order[index]]},
+      batched,
+    )
+    return steps.train_step(state, batch)
+
+  image_shape = train_images.shape[1:]
+  state = jax.jit(
+    functools.partial(steps.create_train_state, model, tx, image_shape),
+    out_shardings=replicated,
+  )(jax.random.key(0))
+  start = time.perf_counter()
+  compiled = step.lower(state, data, 0).compile()
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for index in range(num_steps):
+    state, metrics = compiled(state, data, index)
+  jax.block_until_ready(state)
+  train_s = time.perf_counter() - start
+  correct = 0
+  eval_batch = settings['eval_batch_size']
+  eval_step = jax.jit(steps.eval_step)
+  for first in range(0, len(test_labels), eval_batch):
+    images = test_images[first : first + eval_batch]
+    labels = test_labels[first : first + eval_batch]
+    pad = eval_batch - len(labels)
+    sums = eval_step(
+      state,
+      {
+        'images': np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
+        'labels': np.pad(labels, (0, pad)),
+        'mask': np.arange(eval_batch) < len(labels),
+      },
+    )
+    correct += int(sums['top1'])
+  step_s = train_s / num_steps
+  return {
+    'kind': 'digits',
+    'model': settings['model'],
+    'dtype': 'float32',
+    'batch_size': batch_size,
+    'image_size': image_size,
+    'steps': num_steps,
+    'step_ms': 1000 * step_s,
+    'images_per_s': batch_size / step_s,
+    'compile_s': compile_s,
+    'train_s': train_s,
+    'final_train_loss': float(metrics['loss']),
+    'test_accuracy': correct / len(test_labels),
+    'num_test_examples': len(test_labels),
+    **_memory(compiled),
+    **flops.efficiency(
+      flops.forward_flops_per_image(model, image_shape),
+      batch_size,
+      step_s,
+      jax.devices()[0].device_kind,
+      'float32',
+      jax.device_count(),
+    ),
+  }
+
+
+def _cell(value, fmt):
+  return '-' if value is None else format(value, fmt)
+
+
+def table(records) -> str:
+  """A markdown table of the records."""
+  lines = [
+    '| kind | model | dtype | batch | image | step ms | images/s | compile s '
+    '| memory MiB | GFLOP/image | TFLOP/s | MFU | test accuracy |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  for r in records:
+    if r.get('skipped'):
+      lines.append(
+        f'| {r["kind"]} | {r["model"]} | {r["dtype"]} | {r["batch_size"]} '
+        f'| {r["image_size"]} | skipped |||||||'
+      )
+      continue
+    memory = r['memory_bytes']
+    memory = None if memory is None else memory / 2**20
+    lines.append(
+      f'| {r["kind"]} | {r["model"]} | {r["dtype"]} | {r["batch_size"]} '
+      f'| {r["image_size"]} | {r["step_ms"]:.1f} | {r["images_per_s"]:.1f} '
+      f'| {r["compile_s"]:.1f} | {_cell(memory, ".0f")} '
+      f'| {r["forward_flops_per_image"] / 1e9:.3g} '
+      f'| {r["achieved_tflops"]:.3g} | {_cell(r["mfu"], ".1%")} '
+      f'| {_cell(r.get("test_accuracy"), ".2%")} |'
+    )
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> list[dict]:
+  """Runs the check; returns the records written to `--json`."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--json', default=None, help='Output file.')
+  parser.add_argument(
+    '--quick', action='store_true', help='Tiny models, a few steps (CPU).'
+  )
+  parser.add_argument('--steps', type=int, default=10, help='Steps timed.')
+  parser.add_argument('--warmup', type=int, default=2, help='Untimed steps.')
+  parser.add_argument(
+    '--max_minutes',
+    type=float,
+    default=4.5,
+    help='Skip the train-step cases that would start after this.',
+  )
+  args = parser.parse_args(argv)
+  start = time.perf_counter()
+  if args.quick:
+    digits = train_digits(QUICK_DIGITS, QUICK_DIGITS_IMAGE_SIZE)
+    cases, num_steps, warmup = QUICK_CASES, 2, 1
+  else:
+    digits = train_digits(QUICKSTART, DIGITS_IMAGE_SIZE)
+    cases, num_steps, warmup = CASES, args.steps, args.warmup
+  records = [digits]
+  print(table(records), flush=True)
+  for name, dtype, batch, image_size in cases:
+    if time.perf_counter() - start > 60 * args.max_minutes:
+      records.append(
+        {
+          'kind': 'train_step',
+          'model': name,
+          'dtype': dtype,
+          'batch_size': batch * jax.device_count(),
+          'image_size': image_size,
+          'skipped': True,
+        }
+      )
+    else:
+      records.append(
+        measure_step(name, dtype, batch, image_size, num_steps, warmup)
+      )
+    print(table(records[-1:]).splitlines()[-1], flush=True)
+  description = timing.machine()
+  records = [{**r, **description} for r in records]
+  print(
+    f'\n{description["device_kind"]} ({description["platform"]}), '
+    f'{description["device_count"]} devices, jax {description["jax_version"]}'
+    f', {time.perf_counter() - start:.0f} s\n'
+  )
+  print(table(records))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(records, f, indent=2)
+  return records
+
+
+if __name__ == '__main__':
+  main()
