@@ -49,14 +49,20 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 
 def latest_step(workdir: str) -> int | None:
-  """The step of the latest checkpoint in `workdir`, or None."""
-  if not checkpoint_dir(workdir).exists():
+  """The step of the latest complete checkpoint in `workdir`, or None.
+
+  Read from the directory names (orbax names a checkpoint by its step once it
+  is complete), without a manager: opening one is a collective operation in
+  multi-process runs, which processes reaching this at different times
+  would mismatch.
+  """
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
     return None
-  manager = create_manager(workdir, read_only=True)
-  try:
-    return manager.latest_step()
-  finally:
-    manager.close()
+  return max(
+    (int(path.name) for path in directory.iterdir() if path.name.isdigit()),
+    default=None,
+  )
 
 
 def ensure_writable(workdir: str) -> None:

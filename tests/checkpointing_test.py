@@ -56,3 +56,10 @@ def test_select_step(tmp_path):
       checkpointing.select_step(manager, 1)
   finally:
     manager.close()
+
+
+def test_latest_step_reads_complete_checkpoints_only(tmp_path):
+  assert checkpointing.latest_step(str(tmp_path)) is None
+  for name in ('2', '4', '6.orbax-checkpoint-tmp-1795750000', 'notes'):
+    (checkpointing.checkpoint_dir(str(tmp_path)) / name).mkdir(parents=True)
+  assert checkpointing.latest_step(str(tmp_path)) == 4

@@ -56,7 +56,7 @@ def test_corrupt_truncated_and_non_image_files_are_skipped(tmp_path, caplog):
   (tmp_path / 'train' / 'dog' / 'cut.jpg').write_bytes(data[: len(data) // 2])
   (tmp_path / 'train' / 'cat' / '.DS_Store').write_bytes(b'\0\1')
   (tmp_path / 'train' / 'notes.txt').write_text('not an image')
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     info = datasets.get_dataset_info(_config(tmp_path))
   assert info.num_train_examples == 61  # 30 + 30 + whole.jpg.
   log = _messages(caplog)
@@ -116,7 +116,7 @@ def test_empty_class_and_class_only_in_val_are_skipped(tmp_path, caplog):
   _good_folder(tmp_path)
   os.makedirs(tmp_path / 'train' / 'empty')
   _save(tmp_path / 'val' / 'zebra' / '0.png')
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     info = datasets.get_dataset_info(_config(tmp_path))
   assert info.class_names == ('cat', 'dog')
   assert info.num_eval_examples == 6
@@ -132,7 +132,7 @@ def test_missing_val_folder_holds_out_part_of_train(tmp_path, caplog, flat):
     for name in ('cat', 'dog'):
       os.rename(tmp_path / 'train' / name, tmp_path / name)
     os.rmdir(tmp_path / 'train')
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     info = datasets.get_dataset_info(_config(tmp_path))
   assert (info.num_train_examples, info.num_eval_examples) == (36, 4)
   assert 'no val folder: 10% of each class held out' in _messages(caplog)
@@ -175,7 +175,7 @@ def test_nested_folders_and_symbolic_links(tmp_path):
 def test_broken_symbolic_link_is_unreadable(tmp_path, caplog):
   _good_folder(tmp_path, per_class=30)
   os.symlink(tmp_path / 'gone.png', tmp_path / 'train' / 'cat' / 'link.png')
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     info = datasets.get_dataset_info(_config(tmp_path))
   assert info.num_train_examples == 60
   assert 'link.png' in _messages(caplog)
@@ -225,7 +225,7 @@ def test_auto_preprocessing_follows_the_images(
     for i in range(3):
       _save(tmp_path / 'train' / name / f'{i}.png', size=size)
     _save(tmp_path / 'val' / name / '0.png', size=size)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     info = datasets.get_dataset_info(_config(tmp_path, **overrides))
   assert (info.style, info.image_size) == (style, image_size)
   side = f'{image_size}x{image_size}'
