@@ -9,22 +9,18 @@ status 2.
 """
 
 import json
-import os
 import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from gunn_jax import log_setup
 
-_QUIET = not log_setup.verbose_requested(sys.argv)
-if _QUIET:  # TensorFlow's C++ INFO lines; its import banner: see log_setup.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-with log_setup.native_stderr_silenced(_QUIET):
-  import tensorflow as tf
-
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from gunn_jax import distributed, runs, train  # noqa: E402
+# TensorFlow (behind the input pipeline, which also hides GPUs from it)
+# prints C++ banners when imported: see log_setup.py.
+with log_setup.tensorflow_quiet(sys.argv):
+  from gunn_jax import distributed, runs, train
 from gunn_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -79,8 +75,6 @@ def main(argv):
       _PROCESS_ID.value,
       peer_timeout_s=_PEER_TIMEOUT.value,
     )
-    # TensorFlow only feeds the input pipeline; JAX owns the accelerators.
-    tf.config.set_visible_devices([], 'GPU')
     logging.debug(
       'JAX process %d of %d; devices: %s',
       *(jax.process_index(), jax.process_count(), jax.devices()),

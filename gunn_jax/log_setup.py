@@ -7,8 +7,8 @@ dropped and their warnings and errors kept. `main.py --verbosity=0` (or
 higher) skips this and shows absl's full log.
 
 TensorFlow prints a oneDNN banner from C++ when it is imported, past
-`TF_CPP_MIN_LOG_LEVEL`; `native_stderr_silenced` hides what native code
-writes to stderr while it is imported (unless `--verbosity` is given).
+`TF_CPP_MIN_LOG_LEVEL`, and INFO lines while it runs; `tensorflow_quiet`
+hides both (unless `--verbosity` is given).
 """
 
 import contextlib
@@ -44,7 +44,7 @@ def console_only() -> None:
   handler.setFormatter(_Formatter())
 
 
-def verbose_requested(argv: list[str]) -> bool:
+def _verbose_requested(argv: list[str]) -> bool:
   """Whether the command line asks for absl's full log (`--verbosity`)."""
   return any(
     arg.split('=')[0] in ('--verbosity', '-v', '--v') for arg in argv[1:]
@@ -52,11 +52,16 @@ def verbose_requested(argv: list[str]) -> bool:
 
 
 @contextlib.contextmanager
-def native_stderr_silenced(silenced: bool = True):
-  """Sends file descriptor 2 (native code's stderr) to /dev/null inside."""
-  if not silenced:
+def tensorflow_quiet(argv: list[str]):
+  """Import TensorFlow inside: its native stderr goes to /dev/null.
+
+  Also sets TF_CPP_MIN_LOG_LEVEL=1 (unless set) for its INFO lines later.
+  Does nothing when `argv` asks for `--verbosity`.
+  """
+  if _verbose_requested(argv):
     yield
     return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   sys.stderr.flush()
   saved = os.dup(2)
   with open(os.devnull, 'w') as devnull:

@@ -1,6 +1,9 @@
 """Shared pytest setup.
 
 * The repository root goes on `sys.path` (for `configs` and `main`).
+* `main.main` runs in-process define one absl flag per `--config.KEY`
+  override they see, and absl refuses to define a flag twice: every test
+  starts without them.
 * XLA's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`, by default
   in the system's temp dir) is shared by this process and the `main.py`
   subprocesses that tests start: on 2 CPU cores, compiling even a tiny GUNN
@@ -15,6 +18,7 @@ import tempfile
 import jax
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -27,6 +31,18 @@ os.environ.setdefault(
 jax.config.update(
   'jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR']
 )
+
+
+def drop_config_override_flags() -> None:
+  """Forgets the `config.KEY` flags of earlier `main.main` runs."""
+  for name in list(flags.FLAGS):
+    if name.startswith('config.'):
+      delattr(flags.FLAGS, name)
+
+
+@pytest.fixture(autouse=True)
+def _no_config_override_flags():
+  drop_config_override_flags()
 
 
 @pytest.fixture(scope='module')

@@ -257,13 +257,13 @@ def test_formats_decode_in_every_pipeline(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_trains_on_a_folder_of_small_pngs(tmp_path):
-  """No preprocessing options: the folder's 20x20 digits train CIFAR-style."""
+  """No preprocessing options: the folder's 12x12 digits train CIFAR-style."""
   from sklearn.datasets import load_digits
 
   digits = load_digits()
   for i, (image, label) in enumerate(zip(digits.images[:400], digits.target)):
     split = 'val' if i % 5 == 4 else 'train'
-    pixels = Image.fromarray(np.uint8(image * 255 / 16)).resize((20, 20))
+    pixels = Image.fromarray(np.uint8(image * 255 / 16)).resize((12, 12))
     _save(
       tmp_path / 'digits' / split / str(label) / f'{i}.png',
       np.asarray(pixels),
@@ -274,15 +274,16 @@ def test_quickstart_trains_on_a_folder_of_small_pngs(tmp_path):
   config.num_train_steps = 30
   config.lr_boundaries_epochs = (100.0, 200.0)
   config.log_every_steps = 10
+  config.eval_every_steps = 0  # Only at the end.
   config.checkpoint_every_steps = 30
   train.train_and_evaluate(config, str(tmp_path / 'run'))
   saved = json.loads((tmp_path / 'run' / 'dataset.json').read_text())
-  assert (saved['style'], saved['image_size']) == ('cifar', 24)
+  assert (saved['style'], saved['image_size']) == ('cifar', 16)
   assert saved['class_names'] == [str(i) for i in range(10)]
   accuracies = [
     record['accuracy']
     for record in metric_io.read_metrics(str(tmp_path / 'run'), 'train')
     if 'accuracy' in record
   ]
-  # It learns: chance is 10%; 43% measured at step 30.
-  assert accuracies[-1] > 0.3 and accuracies[-1] > accuracies[0]
+  # It learns: chance is 10%; steps 21-30 averaged 39.5% when measured.
+  assert accuracies[-1] > 0.25 and accuracies[-1] > accuracies[0]

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import conftest
 import numpy as np
 import pytest
 from absl import flags
@@ -25,9 +26,7 @@ def run_main(*argv):
   """Runs main.main in this process; returns its exit status."""
   argv = ['main.py', *argv]
   saved_argv, sys.argv = sys.argv, argv  # config_flags reads overrides here.
-  for name in list(flags.FLAGS):  # Overrides of earlier calls.
-    if name.startswith('config.'):
-      delattr(flags.FLAGS, name)
+  conftest.drop_config_override_flags()  # Those of earlier calls.
   try:
     flags.FLAGS.unparse_flags()
     flags.FLAGS(argv)
