@@ -7,7 +7,8 @@ Layouts (class names are folder names; sorted, they are the label ids):
     ROOT/<class>/**/<image>         (no train folder: likewise)
 
 `validation` or `test` may stand in for `val`. Images may sit in nested
-sub-folders of their class folder; symbolic links are followed. Hidden files
+sub-folders of their class folder; symbolic links are followed (not back up
+the tree or into another class folder). Hidden files
 and folders (`.DS_Store`, `.ipynb_checkpoints`) and files without an image
 extension (`notes.txt`) are not images: they are counted and ignored.
 
@@ -108,12 +109,23 @@ def _probe(path: str) -> tuple[int, int] | None:
     return None
 
 
-def _walk_images(directory: str) -> tuple[list[str], list[str]]:
-  """Image files and other files under `directory`, following links once."""
+def _within(path: str, folder: str) -> bool:
+  return path == folder or path.startswith(folder + os.sep)
+
+
+def _walk_images(directory: str, split: str) -> tuple[list[str], list[str]]:
+  """Image files and other files under a class folder, following links.
+
+  A link back up to the split folder (or above it), into another class
+  folder, or to a folder already visited is not followed: every image
+  belongs to one class, once.
+  """
+  home, split = os.path.realpath(directory), os.path.realpath(split)
   images, others, seen = [], [], set()
   for top, folders, files in os.walk(directory, followlinks=True):
     real = os.path.realpath(top)
-    if real in seen:  # A link back up the tree.
+    elsewhere = _within(real, split) and not _within(real, home)
+    if real in seen or _within(split, real) or elsewhere:
       folders[:] = []
       continue
     seen.add(real)
@@ -137,10 +149,11 @@ def _list_split(directory: str) -> tuple[dict, list[str]]:
   """{class: image paths} of a split folder and its non-image files."""
   files, others = {}, []
   for entry in os.scandir(directory):
-    if entry.is_file() and not entry.is_dir():
+    if entry.is_file():
       others.append(entry.path)  # Files next to the class folders.
   for name in _class_folders(directory):
-    files[name], ignored = _walk_images(os.path.join(directory, name))
+    class_dir = os.path.join(directory, name)
+    files[name], ignored = _walk_images(class_dir, directory)
     others += ignored
   return files, others
 
