@@ -1,6 +1,7 @@
 """Image folders as datasets: which files, which classes, which are readable.
 
-Layouts (class names are folder names; sorted, they are the label ids):
+Layouts (class names are folder names; sorted, they are the label ids; a
+classifier needs two or more):
 
     ROOT/train/<class>/**/<image>   and   ROOT/val/<class>/**/<image>
     ROOT/train/<class>/**/<image>   (no val folder: part of train held out)
@@ -22,8 +23,9 @@ split left empty, is an error. The result is kept for the process
 process of a multi-host run checks the whole folder (for ImageNet-size data
 TFDS, which needs no check, is the better source). Decoding
 with PIL reads every format it knows (JPEG, PNG, GIF, BMP, TIFF, WebP, ...)
-in any mode: grey, palette, CMYK, alpha (dropped) and 16-bit (scaled to
-8 bits) images all become 8-bit RGB.
+in any mode: grey, palette, CMYK, alpha (dropped), 16-bit (scaled to
+8 bits) and floating-point grey (0..1 scaled to 0..255) images all become
+8-bit RGB.
 
 Without a val folder, `val_fraction` of each class (at least one image of a
 class of two or more) is held out for evaluation, chosen with a fixed seed so
@@ -88,10 +90,13 @@ def read_rgb(path: str | bytes) -> np.ndarray:
     path = path.decode()
   with Image.open(path) as image:
     image = ImageOps.exif_transpose(image)
-    if image.mode.startswith('I'):  # 16- or 32-bit integer grey.
-      values = np.asarray(image).astype(np.int64)
-      scale = 257 if values.max(initial=0) > 255 else 1
-      grey = np.clip((values + scale // 2) // scale, 0, 255).astype(np.uint8)
+    if image.mode.startswith('I') or image.mode == 'F':  # Wide grey.
+      values = np.nan_to_num(np.asarray(image, np.float64))
+      if image.mode == 'F' and values.max(initial=0) <= 1:
+        values *= 255  # Floats in [0, 1].
+      elif values.max(initial=0) > 255:
+        values /= 257  # 16 bits.
+      grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
       return np.repeat(grey[..., None], 3, axis=-1)
     return np.asarray(image.convert('RGB'))
 
@@ -254,10 +259,11 @@ def scan(root: str, val_fraction: float, max_unreadable: float) -> FolderScan:
     max_unreadable: largest tolerated fraction of undecodable images.
 
   Raises:
-    UserError: for a missing or empty folder, a split with too many
-      unreadable images, or no val folder and `val_fraction` <= 0.
+    UserError: for a missing or empty folder, fewer than two classes, a
+      split with too many unreadable images, or no val folder and
+      `val_fraction` outside (0, 1).
   """
-  root = os.path.normpath(root)
+  root = os.path.abspath(os.path.expanduser(root))
   return _scan(root, val_fraction, max_unreadable, _signature(root))
 
 
@@ -277,6 +283,12 @@ def _scan(root, val_fraction, max_unreadable, signature) -> FolderScan:
       empty,
     )
   class_names = tuple(sorted(n for n, images in train.items() if images))
+  if len(class_names) < 2:
+    raise UserError(
+      f'{train_dir} has images of {len(class_names)} class only '
+      f'({", ".join(class_names)}); a classifier needs two or more class '
+      f'folders; {LAYOUT}.'
+    )
   if val_dir is None:
     if val_fraction <= 0 or val_fraction >= 1:
       raise UserError(

@@ -97,6 +97,10 @@ def test_every_mode_and_format_becomes_rgb(tmp_path):
   sixteen = np.array([[0, 32896, 65535]], np.uint16)
   paths['sixteen'] = train / 'sixteen.PNG'
   Image.fromarray(sixteen).save(paths['sixteen'])
+  paths['float'] = train / 'float.tif'
+  Image.fromarray(np.float32([[0, 0.5, 1]])).save(paths['float'])
+  for split in ('train', 'val'):
+    _save(tmp_path / split / 'b' / '0.png', colour)
   _save(tmp_path / 'val' / 'a' / '0.png', colour)
   red = [200, 0, 0]
   for name, path in paths.items():
@@ -104,12 +108,12 @@ def test_every_mode_and_format_becomes_rgb(tmp_path):
     assert pixels.dtype == np.uint8 and pixels.shape[-1] == 3, name
     if name == 'grey':
       assert (pixels == 100).all()
-    elif name == 'sixteen':
+    elif name in ('sixteen', 'float'):
       np.testing.assert_array_equal(pixels[0, :, 0], [0, 128, 255])
     else:  # JPEG (CMYK too) is lossy.
       np.testing.assert_allclose(pixels.mean((0, 1)), red, atol=4, err_msg=name)
   info = datasets.get_dataset_info(_config(tmp_path))
-  assert info.num_train_examples == len(paths)
+  assert info.num_train_examples == len(paths) + 1
 
 
 def test_empty_class_and_class_only_in_val_are_skipped(tmp_path, caplog):
@@ -190,7 +194,11 @@ def test_broken_symbolic_link_is_unreadable(tmp_path, caplog):
   [
     ((), 'No class folders in'),
     (('train/cat/',), 'No images in'),
-    (('train/cat/a.png', 'val/dog/b.png'), 'No images of the training'),
+    (('train/cat/a.png', 'val/cat/b.png'), 'of 1 class only'),
+    (
+      ('train/cat/a.png', 'train/dog/b.png', 'val/owl/c.png'),
+      'No images of the training',
+    ),
     (('val/cat/a.png',), 'train is missing'),
   ],
 )
