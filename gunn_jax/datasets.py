@@ -19,7 +19,7 @@
     image_size // 8.
 
 `get_dataset_info` says what a model and inference need to know (saved in
-a run's workdir, `workdir.py`); `load_split` and `decode` give the examples.
+a run's workdir, `runs.py`); `load_split` and `decode` give the examples.
 The input pipelines (`input_pipeline.py`) turn these into batches.
 """
 
@@ -107,6 +107,18 @@ class Split:
 
 def _folder_root(config) -> str:
   return config.dataset[len(_FOLDER_PREFIX) :]
+
+
+def absolute_name(dataset: str) -> str:
+  """`folder:ROOT` with ROOT absolute (`~` expanded); other names as given.
+
+  Runs save this form, so that evaluating or resuming a run works from any
+  working directory.
+  """
+  if not dataset.startswith(_FOLDER_PREFIX):
+    return dataset
+  root = os.path.expanduser(dataset[len(_FOLDER_PREFIX) :])
+  return _FOLDER_PREFIX + os.path.abspath(root)
 
 
 def _scan(config) -> folders.FolderScan:

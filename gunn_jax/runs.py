@@ -59,8 +59,13 @@ def _write(path: epath.Path, text: str) -> None:
 def save(
   workdir: str, config: ml_collections.ConfigDict, info: datasets.DatasetInfo
 ) -> None:
-  """Writes config.json and dataset.json (call on process 0 only)."""
+  """Writes config.json and dataset.json (call on process 0 only).
+
+  A folder dataset's path is saved absolute (`datasets.absolute_name`).
+  """
   directory = epath.Path(workdir)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.dataset = datasets.absolute_name(config.dataset)
   _write(directory / CONFIG_FILE, config.to_json_best_effort(indent=2))
   _write(directory / DATASET_FILE, json.dumps(info.to_json(), indent=2))
 
@@ -133,6 +138,9 @@ def changed_run_keys(
   if saved is None:
     return []
   current = json.loads(config.to_json_best_effort())
+  for values in (saved, current):
+    if 'dataset' in values:
+      values['dataset'] = datasets.absolute_name(values['dataset'])
   changed = [
     key
     for key in RUN_KEYS
