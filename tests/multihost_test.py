@@ -205,18 +205,30 @@ def test_processes_compute_the_gradients_of_one_process(
   """The first step's gradients agree to float32 reduction-order noise.
 
   Per leaf, |difference| <= 1e-4 of the leaf's scale (at least 1% of the
-  largest leaf's, for leaves that are zero up to noise). BatchNorm's batch
-  statistics, and with them every ReLU's decision, are the same bits.
+  largest leaf's, for leaves that are zero up to noise). BatchNorm's running
+  averages are the same bits where each device reduces the same images
+  (2x2 and 1x4); one device sums the whole batch in another order, so
+  against it they agree to 1e-5 of the scale (a few float32 ulps; the same
+  bits on some CPUs).
   """
   ours, theirs = (gradients(case, name) for name in runs_compared)
   assert ours.keys() == theirs.keys()
   grads = [key for key in theirs if key.startswith('grads')]
-  largest = max(np.abs(theirs[key]).max() for key in grads)
-  for key in grads:
+  averages = [key for key in theirs if key not in grads]
+  assert_leaves_close(ours, theirs, grads, 1e-4)
+  if runs_compared == ('2x2', '1x4'):
+    for key in averages:
+      np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+  else:
+    assert_leaves_close(ours, theirs, averages, 1e-5)
+
+
+def assert_leaves_close(ours, theirs, keys, tolerance):
+  """Per leaf, |difference| <= tolerance x max(|leaf|, 1% of the largest)."""
+  largest = max(np.abs(theirs[key]).max() for key in keys)
+  for key in keys:
     scale = max(np.abs(theirs[key]).max(), 1e-2 * largest)
-    assert np.abs(ours[key] - theirs[key]).max() <= 1e-4 * scale, key
-  for key in theirs.keys() - set(grads):
-    np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    assert np.abs(ours[key] - theirs[key]).max() <= tolerance * scale, key
 
 
 def test_failure_of_one_process_ends_the_run(tmp_path):
