@@ -1,5 +1,6 @@
 """A run is its workdir: saved config and dataset, resume checks, console."""
 
+import contextlib
 import json
 import os
 import re
@@ -61,9 +62,7 @@ def folder_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('colours')
   _write_colours(root)
   workdir = str(tmp_path_factory.mktemp('run'))
-  cwd = os.getcwd()
-  os.chdir(root.parent)
-  try:
+  with contextlib.chdir(root.parent):
     status = run_main(
       f'--config={TINY}',
       f'--workdir={workdir}',
@@ -72,8 +71,6 @@ def folder_run(tmp_path_factory):
       '--config.batch_size=8',
       '--config.eval_every_steps=2',
     )
-  finally:
-    os.chdir(cwd)
   assert status == 0
   assert runs.load_config(workdir).dataset == f'folder:{root}'
   return {'root': root, 'workdir': workdir}
