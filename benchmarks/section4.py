@@ -8,7 +8,7 @@ recipe (`configs/quickstart.py`: 15 epochs on scikit-learn's digits), once
 per seed, with the overlap and effective dimensionality of every layer
 logged during training (`config.diagnostics_every_steps`). Then it
 diagnoses each final checkpoint on all 355 test digits
-(`inference.diagnose_run`, `gunn_jax/diagnostics.py`) and prints two
+(`inference.diagnose_run`, `gunn_jax.diagnostics`) and prints two
 Markdown tables: the final test error per model (mean and range over the
 seeds) and, per GUNN layer, the overlap within and across segments, the
 effective dimensionality PR / N and the eliminated channels (mean and

@@ -89,17 +89,25 @@ def create_manager(
   keep: int = 3,
   read_only: bool = False,
   keep_steps: Sequence[int] = (),
+  save_every_steps: Sequence[int] = (),
+  save_steps: Sequence[int] = (),
 ) -> ocp.CheckpointManager:
   """Returns the checkpoint manager of `workdir`.
+
+  Its `should_save(step)` is true at multiples of any of `save_every_steps`,
+  at `save_steps` and `keep_steps`, and at the step where all processes stop
+  for a preemption (JAX's preemption service, several processes).
 
   Args:
     workdir: the run's directory; checkpoints live in `workdir/checkpoints`.
     keep: number of most recent checkpoints kept besides the best one.
     read_only: open existing checkpoints without creating or deleting any.
-    keep_steps: steps whose checkpoints are never deleted (the snapshots of
-      a snapshot ensemble).
+    keep_steps: steps that are saved and never deleted (the snapshots of a
+      snapshot ensemble).
+    save_every_steps: save intervals in steps (checkpoints, evaluations).
+    save_steps: further steps to save (the last step).
   """
-  policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+  preservation_policy = ocp.checkpoint_managers.AnyPreservationPolicy(
     [
       ocp.checkpoint_managers.LatestN(n=keep),
       ocp.checkpoint_managers.CustomSteps(steps=keep_steps),
@@ -111,11 +119,19 @@ def create_manager(
       ),
     ]
   )
+  policies = ocp.checkpoint_managers
+  save_policy = policies.AnySavePolicy(
+    [
+      *(policies.FixedIntervalPolicy(n) for n in save_every_steps),
+      policies.SpecificStepsPolicy(steps={*keep_steps, *save_steps}),
+      policies.PreemptionCheckpointingPolicy(),
+    ]
+  )
   options = ocp.CheckpointManagerOptions(
     best_fn=lambda metrics: metrics[BEST_METRIC],
     best_mode='min',
-    save_interval_steps=0 if read_only else 1,
-    preservation_policy=None if read_only else policy,
+    save_decision_policy=None if read_only else save_policy,
+    preservation_policy=None if read_only else preservation_policy,
     cleanup_tmp_directories=not read_only,
     create=not read_only,
     read_only=read_only,
@@ -134,7 +150,7 @@ def save(
   state: Any,
   metrics: dict[str, float] | None = None,
 ) -> None:
-  """Starts an asynchronous save of `state` at `step`.
+  """Starts an asynchronous save of `state` at `step`, due or not.
 
   Args:
     manager: from `create_manager`.

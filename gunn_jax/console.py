@@ -15,9 +15,11 @@ people.
 """
 
 import datetime
-import time
+from typing import Callable
 
 import jax
+from absl import logging
+from clu import metric_writers, periodic_actions
 
 
 def _duration(seconds: float) -> str:
@@ -63,33 +65,61 @@ def header(
   ]
 
 
-class Progress:
-  """Formats one progress line per logging interval, with speed and ETA."""
+class Progress(periodic_actions.ReportProgress):
+  """clu's `ReportProgress` that logs this module's progress line.
 
-  def __init__(self, num_steps: int, steps_per_epoch: int, batch_size: int):
-    self._num_steps = num_steps
+  Every `every_steps` steps and at the last step it asks `summarize(step)`
+  for the interval's training metrics (`train_` keys, among them
+  `train_loss` and `train_accuracy`), writes them with `steps_per_sec` and
+  `uptime` (seconds since the start) as one set of scalars, and logs a line.
+  Steps/s, images/s and the ETA leave out the time spent in `timed(name)`
+  blocks (evaluation, checkpoints, diagnostics).
+  """
+
+  def __init__(
+    self,
+    *,
+    num_steps: int,
+    steps_per_epoch: int,
+    batch_size: int,
+    every_steps: int,
+    writer: metric_writers.MetricWriter,
+    summarize: Callable[[int], dict],
+  ):
+    super().__init__(
+      num_train_steps=num_steps,
+      writer=writer,
+      every_steps=every_steps,
+      every_secs=None,
+    )
     self._steps_per_epoch = steps_per_epoch
     self._batch_size = batch_size
-    self._last = None  # (step, time) of the previous line.
+    self._summarize = summarize
+    self._timed_seconds = 0.0  # In `timed` blocks up to the last line.
 
-  def start(self, step: int) -> None:
-    """Starts timing at `step` (before the first step of this process)."""
-    self._last = (step, time.perf_counter())
+  def _apply(self, step: int, t: float) -> None:
+    timed_seconds = sum(self._time_per_part.values())
+    seconds = t - self._previous_time - (timed_seconds - self._timed_seconds)
+    self._timed_seconds = timed_seconds
+    steps_per_sec = (step - self._previous_step) / max(seconds, 1e-9)
+    summary = self._summarize(step)
+    self._writer.write_scalars(
+      step,
+      {**summary, 'steps_per_sec': steps_per_sec, 'uptime': t - self._t0},
+    )
+    logging.info(self.line(step, summary, steps_per_sec))
 
-  def line(self, step: int, summary: dict) -> str:
-    """`summary`: the interval's mean 'loss' and 'accuracy'."""
-    now = time.perf_counter()
-    last_step, last_time = self._last
-    self._last = (step, now)
-    steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
-    eta = (self._num_steps - step) / max(steps_per_s, 1e-9)
-    width = len(str(self._num_steps))
+  def line(self, step: int, summary: dict, steps_per_sec: float) -> str:
+    num_steps = self._num_train_steps
+    eta = (num_steps - step) / max(steps_per_sec, 1e-9)
+    width = len(str(num_steps))
     return (
-      f'step {step:>{width}}/{self._num_steps}  '
+      f'step {step:>{width}}/{num_steps}  '
       f'epoch {step / self._steps_per_epoch:5.1f}/'
-      f'{self._num_steps / self._steps_per_epoch:.1f}  '
-      f'loss {summary["loss"]:.4f}  acc {100 * summary["accuracy"]:5.1f}%  '
-      f'{steps_per_s * self._batch_size:,.0f} img/s  ETA {_duration(eta)}'
+      f'{num_steps / self._steps_per_epoch:.1f}  '
+      f'loss {summary["train_loss"]:.4f}  '
+      f'acc {100 * summary["train_accuracy"]:5.1f}%  '
+      f'{steps_per_sec * self._batch_size:,.0f} img/s  ETA {_duration(eta)}'
     )
 
 

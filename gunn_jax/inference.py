@@ -14,7 +14,7 @@ checkpoints) and works from a notebook without flags:
 `lr_schedule='snapshot'` (Huang et al. 2017; `docs/paper.md`): the
 average of the softmax outputs of its last m end-of-cycle checkpoints.
 `diagnose_run` measures the overlap, elimination and linear dependence of the
-channels of a run's layers (`diagnostics.py`).
+channels of a run's layers (`gunn_jax.diagnostics`).
 """
 
 import dataclasses
@@ -35,6 +35,7 @@ from gunn_jax import (
   optimization,
   runs,
   sharding,
+  steps,
   train,
 )
 from gunn_jax.errors import UserError
@@ -276,11 +277,10 @@ def _evaluate(
     experiment.mesh,
     config.prefetch_batches,
   )
-  sums = {'top1': 0, 'top5': 0, 'count': 0}
-  for batch in batches:
-    for key, value in jax.device_get(step_fn(list(variables), batch)).items():
-      sums[key] = sums[key] + value.astype(np.int64)
-  count = int(sums['count'])
+  sums = steps.sum_over_batches(
+    functools.partial(step_fn, list(variables)), batches
+  )
+  count = 0 if sums is None else int(sums['count'])
   if not count:
     raise UserError('The evaluation split is empty.')
   errors = [
@@ -353,7 +353,7 @@ def diagnose_run(
   hessian_iterations: int = 30,
   hessian_probes: int = 2,
 ) -> dict:
-  """Singularity diagnostics of a run's checkpoint (`diagnostics.py`).
+  """Singularity diagnostics of a run's checkpoint (`gunn_jax.diagnostics`).
 
   Activations come from the first `num_images` images of the run's
   evaluation split; the Hessian is that of the training loss

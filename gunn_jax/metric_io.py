@@ -35,10 +35,16 @@ def _to_json_value(value: Any) -> Any:
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends each scalar set to a JSON-lines file; ignores other summaries."""
+  """Appends each scalar set to a JSON-lines file; ignores other summaries.
+
+  The file is opened at the first write and stays open; each line is
+  flushed to the operating system as it is written, so a killed process
+  leaves every line it wrote (and at most one torn last line).
+  """
 
   def __init__(self, path: str | os.PathLike):
     self._path = epath.Path(path)
+    self._file = None
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     split = 'train'
@@ -49,9 +55,12 @@ class JsonlWriter(metric_writers.MetricWriter):
         split = prefix
         key = name
       record[key] = _to_json_value(value)
-    line = json.dumps({'step': int(step), 'split': split, **record})
-    with self._path.open('a') as f:
-      f.write(line + '\n')
+    if self._file is None:
+      self._file = self._path.open('a')
+    self._file.write(
+      json.dumps({'step': int(step), 'split': split, **record}) + '\n'
+    )
+    self._file.flush()
 
   def write_summaries(self, step, values, metadata=None) -> None:
     del step, values, metadata
@@ -75,22 +84,25 @@ class JsonlWriter(metric_writers.MetricWriter):
     del hparams
 
   def flush(self) -> None:
-    pass  # Every line is written and closed immediately.
+    pass  # Every line is flushed as it is written.
 
   def close(self) -> None:
-    pass
+    if self._file is not None:
+      self._file.close()
+      self._file = None
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
   """Returns the run's writer: TensorBoard and `metrics.jsonl`.
 
-  Processes other than 0 write nothing.
+  Both write on background threads, off the training loop; `flush()` waits
+  for what was written so far. Processes other than 0 write nothing.
   """
   if jax.process_index() > 0:
     return metric_writers.MultiWriter([])
-  return metric_writers.MultiWriter(
+  return metric_writers.AsyncMultiWriter(
     [
-      metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)),
+      metric_writers.SummaryWriter(workdir),
       JsonlWriter(epath.Path(workdir) / METRICS_FILE),
     ]
   )

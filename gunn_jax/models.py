@@ -84,7 +84,7 @@ class GUNNNet(nn.Module):
       logits: [B, num_classes] float32. Sown into 'intermediates' (kept only
       with `mutable=['intermediates']`): the pooled features before the
       classifier, [B, final width], as 'features', and the output of every
-      transition and GUNN layer as 'NAME_output' (`diagnostics.py`).
+      transition and GUNN layer as 'NAME_output' (`diagnostics.moments`).
     """
     if len(self.widths) != len(self.segments):
       raise ValueError('GUNNNet: widths and segments differ in length.')

@@ -4,16 +4,21 @@ What a GPU or TPU host needs to build and time a real training step with
 only jax, flax and optax installed (`benchmarks/accelerator.py`): the train
 state, the loss of the paper's recipe (softmax cross-entropy, BatchNorm in
 training mode; section 6.2, `docs/paper.md`), its gradients, one SGD step
-returning plain metric arrays, and the evaluation step. `train.py` wraps
-these into its loop and its clu metrics.
+returning plain metric arrays, and the evaluation step.
+`create_train_program` jits them for data parallelism on a mesh, for
+`train.py` and the benchmarks alike.
 """
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
+
+from gunn_jax import optimization, sharding
 
 
 class TrainState(train_state.TrainState):
@@ -131,3 +136,97 @@ def eval_step(
     'top5': jnp.sum(mask & jnp.any(top5 == labels[:, None], -1)),
     'count': jnp.sum(mask),
   }
+
+
+_add = jax.jit(functools.partial(jax.tree.map, jnp.add))
+
+
+def sum_over_batches(step_fn: Callable, batches: Iterable) -> dict | None:
+  """Adds up `step_fn(batch)`'s outputs over `batches` on the devices.
+
+  The sums stay on the devices until the last batch and come to the host
+  once, so an evaluation never waits for a batch's result.
+
+  Returns:
+    The sums as NumPy values, or None when `batches` is empty.
+  """
+  sums = None
+  for batch in batches:
+    outputs = step_fn(batch)
+    sums = outputs if sums is None else _add(sums, outputs)
+  if sums is None:
+    return None
+  return jax.tree.map(np.asarray, jax.device_get(sums))
+
+
+class TrainProgram(NamedTuple):
+  """A model's training state and steps, jitted for data parallelism.
+
+  Attributes:
+    learning_rate_fn: the schedule (step -> learning rate).
+    init: rng -> a fresh `TrainState` (not jitted; see `create_state`).
+    abstract_state: the state's `jax.ShapeDtypeStruct`s, replicated on the
+      mesh: the target for restoring checkpoints.
+    train_step: the training step jitted on the mesh (state replicated and
+      donated, batch sharded along its leading axis, outputs replicated).
+    eval_step: `eval_step` jitted on the mesh (outputs replicated).
+    mesh: the data-parallel mesh.
+  """
+
+  learning_rate_fn: optax.Schedule
+  init: Callable[[jax.Array], TrainState]
+  abstract_state: TrainState
+  train_step: Callable
+  eval_step: Callable
+  mesh: jax.sharding.Mesh
+
+  def create_state(self, seed: int) -> TrainState:
+    """Initialises a state from `seed`, replicated on the mesh."""
+    return jax.jit(self.init, out_shardings=sharding.replicated(self.mesh))(
+      jax.random.key(seed)
+    )
+
+
+def create_train_program(
+  model,
+  config: optimization.Config,
+  image_shape: tuple[int, int, int],
+  num_train_examples: int,
+  num_train_steps: int,
+  mesh: jax.sharding.Mesh,
+  step_fn: Callable = train_step,
+) -> TrainProgram:
+  """Builds the paper's optimiser for `model` and jits its steps on `mesh`.
+
+  Args:
+    model: a flax module called as `model(images, train=...)`.
+    config: the optimisation keys of `configs/base.py` (`optimization.py`).
+    image_shape: [H, W, C] of one input image.
+    num_train_examples: the training split's size (epochs -> steps).
+    num_train_steps: the run's length (the snapshot schedule's cycles).
+    mesh: the data-parallel mesh (`sharding.create_mesh`).
+    step_fn: `(state, batch) -> (state, metrics)`; `train_step` by default.
+  """
+  lr_fn = optimization.create_learning_rate_fn(
+    config, num_train_examples, num_train_steps
+  )
+  tx = optimization.create_optimizer(config, lr_fn)
+  init = functools.partial(create_train_state, model, tx, image_shape)
+  replicated = sharding.replicated(mesh)
+  abstract_state = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    jax.eval_shape(init, jax.random.key(0)),
+  )
+  return TrainProgram(
+    learning_rate_fn=lr_fn,
+    init=init,
+    abstract_state=abstract_state,
+    train_step=jax.jit(
+      step_fn,
+      in_shardings=(replicated, sharding.batch_sharded(mesh)),
+      out_shardings=(replicated, replicated),
+      donate_argnums=0,
+    ),
+    eval_step=jax.jit(eval_step, out_shardings=replicated),
+    mesh=mesh,
+  )

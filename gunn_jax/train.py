@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metrics, parameter_overview, periodic_actions
 
@@ -97,20 +96,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]):
 def evaluate(step_fn: Callable, state: TrainState, eval_batches) -> dict:
   """Runs `step_fn` over an iterable of global batches.
 
+  The sums stay on the devices until the last batch (`steps.sum_over_batches`).
+
   Returns:
     `loss` (mean), `top1_error` and `top5_error` (%) and `num_examples`.
   """
-  sums = {'loss': 0.0, 'top1': 0, 'top5': 0, 'count': 0}
-  for batch in eval_batches:
-    for key, value in jax.device_get(step_fn(state, batch)).items():
-      sums[key] += value.item()
-  count = sums['count']
+  sums = steps.sum_over_batches(functools.partial(step_fn, state), eval_batches)
+  count = 0 if sums is None else int(sums['count'])
   if not count:
     raise UserError('The evaluation split is empty.')
   return {
-    'loss': sums['loss'] / count,
-    'top1_error': 100.0 * (1 - sums['top1'] / count),
-    'top5_error': 100.0 * (1 - sums['top5'] / count),
+    'loss': float(sums['loss']) / count,
+    'top1_error': 100.0 * (1 - int(sums['top1']) / count),
+    'top5_error': 100.0 * (1 - int(sums['top5']) / count),
     'num_examples': count,
   }
 
@@ -158,8 +156,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       'config.eval_every_steps must be > 0, -1 (each epoch) '
       'or 0 (only at the end)'
     )
+  problems += _batch_problems(config)
+  if problems:
+    raise UserError(problems[0] + '.')
+
+
+def _batch_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """What keeps the batches from dividing over the devices and groups."""
   num_devices = jax.device_count()
-  problems += [
+  problems = [
     f'config.{key}={config[key]} is not divisible by the '
     f'{num_devices} devices; use a multiple of {num_devices}'
     for key in ('batch_size', 'eval_batch_size')
@@ -176,40 +181,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'{num_devices} device{"s" * (num_devices > 1)}); use a divisor of '
       f'{per_device}, or 0'
     )
-  if problems:
-    raise UserError(problems[0] + '.')
+  return problems
 
 
 class Experiment(NamedTuple):
   """What a config determines before any data is read or state is made.
 
+  The program's attributes read through: `experiment.mesh`,
+  `.learning_rate_fn`, `.init`, `.abstract_state`, `.train_step` (this
+  module's, with clu metrics), `.eval_step` and `.create_state(seed)`.
+
   Attributes:
     info: the dataset's `DatasetInfo`.
-    mesh: the data-parallel mesh over all devices.
     num_train_steps: the run's length in steps.
-    learning_rate_fn: the schedule (step -> learning rate).
-    init: rng -> a fresh `TrainState` (jit it, see `create_state`).
-    abstract_state: the state's `jax.ShapeDtypeStruct`s, replicated on
-      `mesh`: the target for restoring checkpoints.
-    train_step: `train_step` jitted on `mesh` (batch sharded, state
-      replicated and donated).
-    eval_step: `eval_step` jitted on `mesh`.
+    program: the model's `steps.TrainProgram` on a mesh over all devices.
   """
 
   info: datasets.DatasetInfo
-  mesh: jax.sharding.Mesh
   num_train_steps: int
-  learning_rate_fn: optax.Schedule
-  init: Callable[[jax.Array], TrainState]
-  abstract_state: TrainState
-  train_step: Callable
-  eval_step: Callable
+  program: steps.TrainProgram
 
-  def create_state(self, seed: int) -> TrainState:
-    """Initialises a state from `seed`, replicated on the mesh."""
-    return jax.jit(self.init, out_shardings=sharding.replicated(self.mesh))(
-      jax.random.key(seed)
-    )
+  def __getattr__(self, name: str):
+    return getattr(self.program, name)
 
 
 def create_experiment(
@@ -233,32 +226,16 @@ def create_experiment(
       f'config.snapshot_cycles={config.snapshot_cycles} exceeds '
       f'the {num_steps} training steps.'
     )
-  lr_fn = optimization.create_learning_rate_fn(
-    config, info.num_train_examples, num_steps
+  program = steps.create_train_program(
+    model,
+    config,
+    info.image_shape,
+    info.num_train_examples,
+    num_steps,
+    sharding.create_mesh(),
+    step_fn=train_step,
   )
-  tx = optimization.create_optimizer(config, lr_fn)
-  mesh = sharding.create_mesh()
-  replicated = sharding.replicated(mesh)
-  init = functools.partial(create_train_state, model, tx, info.image_shape)
-  abstract_state = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-    jax.eval_shape(init, jax.random.key(0)),
-  )
-  return Experiment(
-    info=info,
-    mesh=mesh,
-    num_train_steps=num_steps,
-    learning_rate_fn=lr_fn,
-    init=init,
-    abstract_state=abstract_state,
-    train_step=jax.jit(
-      train_step,
-      in_shardings=(replicated, sharding.batch_sharded(mesh)),
-      out_shardings=(replicated, replicated),
-      donate_argnums=0,
-    ),
-    eval_step=jax.jit(eval_step, out_shardings=replicated),
-  )
+  return Experiment(info=info, num_train_steps=num_steps, program=program)
 
 
 def restore_train_state(
@@ -315,21 +292,48 @@ def evaluate_checkpoint(
   return {'step': int(state.step), **results}
 
 
-def _check_finite(
-  summary: dict, first_step: int, last_step: int, last_checkpoint: int | None
-) -> None:
-  bad = [
-    k for k, v in summary.items() if k != 'accuracy' and not np.isfinite(v)
-  ]
-  if bad:
-    kept = 'no checkpoint was written'
-    if last_checkpoint is not None:
-      kept = f'the last good checkpoint is step {last_checkpoint}'
-    raise UserError(
-      f'Training diverged: {", ".join(bad)} became NaN/Inf between '
-      f'steps {first_step} and {last_step}; {kept}. Lower '
-      'config.learning_rate or check the data.'
-    )
+class _Interval:
+  """The training metrics since the last logged step, kept on the devices.
+
+  `summary` brings them to the host (the loop's only wait for the devices
+  between evaluations) and raises if any became NaN/Inf: nothing is logged
+  or saved past a non-finite loss or gradient.
+  """
+
+  def __init__(self, first_step: int, last_checkpoint: int | None):
+    self.last_checkpoint = last_checkpoint
+    self._first_step = first_step
+    self._metrics = None
+
+  def add(self, step_metrics: TrainMetrics) -> None:
+    if self._metrics is not None:
+      step_metrics = self._metrics.merge(step_metrics)
+    self._metrics = step_metrics
+
+  def check(self, step: int) -> None:
+    """Raises UserError if the metrics up to `step` are not finite."""
+    if self._metrics is not None:
+      self._finite_summary(step)
+
+  def summary(self, step: int) -> dict:
+    """The interval's means up to `step`; starts the next interval."""
+    summary = self._finite_summary(step)
+    self._metrics, self._first_step = None, step + 1
+    return summary
+
+  def _finite_summary(self, step: int) -> dict:
+    summary = self._metrics.compute()
+    bad = [k for k, v in summary.items() if not np.isfinite(v)]
+    if bad:
+      kept = 'no checkpoint was written'
+      if self.last_checkpoint is not None:
+        kept = f'the last good checkpoint is step {self.last_checkpoint}'
+      raise UserError(
+        f'Training diverged: {", ".join(bad)} became NaN/Inf between '
+        f'steps {self._first_step} and {step}; {kept}. Lower '
+        'config.learning_rate or check the data.'
+      )
+    return summary
 
 
 def _diagnostics_fn(
@@ -348,19 +352,13 @@ def _diagnostics_fn(
     return None
   model = create_model(config, experiment.info.num_classes)
   abstract = experiment.abstract_state
-  variables = {'params': abstract.params, 'batch_stats': abstract.batch_stats}
-  needed = diagnostics.minimum_images(
-    model, variables, experiment.info.image_shape
+  diagnostics.require_enough_images(
+    model,
+    {'params': abstract.params, 'batch_stats': abstract.batch_stats},
+    experiment.info.image_shape,
+    min(config.diagnostics_num_images, experiment.info.num_eval_examples),
+    'config.diagnostics_num_images',
   )
-  available = min(
-    config.diagnostics_num_images, experiment.info.num_eval_examples
-  )
-  if available < needed:
-    raise UserError(
-      f'config.diagnostics_num_images={config.diagnostics_num_images} '
-      f'({experiment.info.num_eval_examples} evaluation images) gives too '
-      f'few samples for {config.model}; use at least {needed}.'
-    )
 
   def diagnose(state: TrainState, eval_iterable) -> dict:
     results = diagnostics.diagnose(
@@ -378,6 +376,78 @@ def _diagnostics_fn(
     }
 
   return diagnose
+
+
+def _check_resume(config, workdir: str, info, allow_config_change: bool):
+  """Refuses to resume a run of another config, before anything is written."""
+  checkpointing.ensure_writable(workdir)
+  changed = runs.changed_run_keys(workdir, config, info)
+  resuming = checkpointing.latest_step(workdir) is not None
+  if resuming and changed and not allow_config_change:
+    raise UserError(
+      f'{workdir} holds a run with different {", ".join(changed)} '
+      f'(see {workdir}/{runs.CONFIG_FILE}); use another --workdir, or '
+      'resume it anyway with --allow_config_change.'
+    )
+
+
+def _create_manager(config, workdir: str, num_steps: int, eval_every: int):
+  """The run's checkpoints: every `checkpoint_every_steps`, at evaluations
+  (their metrics pick the best), at snapshots and at the last step."""
+  return checkpointing.create_manager(
+    workdir,
+    config.keep_checkpoints,
+    keep_steps=optimization.snapshot_steps(config, num_steps),
+    save_every_steps=(config.checkpoint_every_steps, eval_every or num_steps),
+    save_steps=(num_steps,),
+  )
+
+
+def _initial_state(config, experiment: Experiment, manager) -> TrainState:
+  """The latest checkpoint's state, or a fresh one (`config.init_from`)."""
+  step = manager.latest_step()
+  if step is not None:
+    return checkpointing.restore(manager, step, experiment.abstract_state)
+  state = experiment.create_state(config.seed)
+  if config.init_from:
+    state = checkpointing.initialize_from(
+      state, config.init_from, config.init_reset_classifier
+    )
+  return state
+
+
+def _start(config, workdir: str, experiment: Experiment, state, resume_step):
+  """Logs the header; process 0 saves the run's description."""
+  steps_per_epoch = _steps_per_epoch(config, experiment)
+  for line in console.header(
+    config,
+    experiment.info,
+    parameter_overview.count_parameters(state.params),
+    experiment.num_train_steps,
+    steps_per_epoch,
+    workdir,
+    str(checkpointing.checkpoint_dir(workdir)),
+    resume_step,
+  ):
+    logging.info(line)
+  if jax.process_index() == 0:
+    runs.save(workdir, config, experiment.info)
+    metric_io.truncate_after(workdir, int(state.step))
+    if resume_step is None and logging.vlog_is_on(1):
+      parameter_overview.log_parameter_overview(state.params)
+
+
+def _steps_per_epoch(config, experiment: Experiment) -> int:
+  return optimization.steps_for_epochs(
+    1, experiment.info.num_train_examples, config.batch_size
+  )
+
+
+def _eval_every_steps(config, experiment: Experiment) -> int:
+  """Steps between evaluations; 0 = only at the end."""
+  if config.eval_every_steps == -1:
+    return _steps_per_epoch(config, experiment)
+  return config.eval_every_steps
 
 
 def train_and_evaluate(
@@ -403,147 +473,142 @@ def train_and_evaluate(
       becomes NaN/Inf.
   """
   experiment = create_experiment(config)
-  info, mesh = experiment.info, experiment.mesh
-  num_steps = experiment.num_train_steps
   diagnose = _diagnostics_fn(config, experiment)
-  checkpointing.ensure_writable(workdir)
-  resume_step = checkpointing.latest_step(workdir)
-  changed = runs.changed_run_keys(workdir, config, info)
-  if resume_step is not None and changed and not allow_config_change:
-    raise UserError(
-      f'{workdir} holds a run with different {", ".join(changed)} '
-      f'(see {workdir}/{runs.CONFIG_FILE}); use another --workdir, or '
-      'resume it anyway with --allow_config_change.'
-    )
-  steps_per_epoch = optimization.steps_for_epochs(
-    1, info.num_train_examples, config.batch_size
-  )
-  eval_every = config.eval_every_steps
-  if eval_every == -1:
-    eval_every = steps_per_epoch
-
+  _check_resume(config, workdir, experiment.info, allow_config_change)
   writer = metric_io.create_writer(workdir)
-  snapshot_steps = optimization.snapshot_steps(config, num_steps)
-  manager = checkpointing.create_manager(
-    workdir, config.keep_checkpoints, keep_steps=snapshot_steps
+  manager = _create_manager(
+    config,
+    workdir,
+    experiment.num_train_steps,
+    _eval_every_steps(config, experiment),
   )
   preemption = checkpointing.PreemptionNotice()
   try:
-    last_checkpoint = manager.latest_step()
-    if last_checkpoint is None:
-      state = experiment.create_state(config.seed)
-      if config.init_from:
-        state = checkpointing.initialize_from(
-          state, config.init_from, config.init_reset_classifier
-        )
-    else:
-      state = checkpointing.restore(
-        manager, last_checkpoint, experiment.abstract_state
-      )
-    initial_step = int(state.step)
-    for line in console.header(
-      config,
-      info,
-      parameter_overview.count_parameters(state.params),
-      num_steps,
-      steps_per_epoch,
-      workdir,
-      str(checkpointing.checkpoint_dir(workdir)),
-      last_checkpoint,
-    ):
-      logging.info(line)
-    if jax.process_index() == 0:
-      runs.save(workdir, config, info)
-      metric_io.truncate_after(workdir, initial_step)
-      if initial_step == 0 and logging.vlog_is_on(1):
-        parameter_overview.log_parameter_overview(state.params)
-
-    train_batches = sharding.global_batches(
-      input_pipeline.create_train_iterator(config, start_step=initial_step),
-      mesh,
-      config.prefetch_batches,
-    )
-    eval_iterable = input_pipeline.create_eval_iterable(config)
-
-    hooks = [
-      periodic_actions.ReportProgress(
-        num_train_steps=num_steps,
-        writer=writer,
-        every_steps=config.log_every_steps,
-        every_secs=None,
-      )
-    ]
-    if jax.process_index() == 0 and config.profile_steps:
-      hooks.append(
-        periodic_actions.Profile(
-          logdir=workdir, num_profile_steps=config.profile_steps
-        )
-      )
-
-    if diagnose and initial_step == 0:
-      writer.write_scalars(0, diagnose(state, eval_iterable))
-    progress = console.Progress(num_steps, steps_per_epoch, config.batch_size)
-    progress.start(initial_step)
-    train_metrics, interval_start = None, initial_step + 1
-    for step in range(initial_step + 1, num_steps + 1):
-      # `step` counts the steps done once this iteration ends.
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, step_metrics = experiment.train_step(state, next(train_batches))
-      if train_metrics is not None:
-        step_metrics = train_metrics.merge(step_metrics)
-      train_metrics = step_metrics
-      for hook in hooks:
-        hook(step)
-
-      last = step == num_steps
-      do_eval = last or (eval_every > 0 and step % eval_every == 0)
-      preempted = preemption.reached(manager, step)
-      do_save = (
-        do_eval
-        or preempted
-        or step % config.checkpoint_every_steps == 0
-        or step in snapshot_steps
-      )
-      do_log = last or step % config.log_every_steps == 0
-      if do_log or do_save:
-        # Never log or save past a non-finite loss or gradient.
-        summary = train_metrics.compute()
-        _check_finite(summary, interval_start, step, last_checkpoint)
-      if do_log:
-        writer.write_scalars(
-          step,
-          {
-            **{f'train_{k}': v for k, v in summary.items()},
-            'train_learning_rate': experiment.learning_rate_fn(step - 1),
-          },
-        )
-        logging.info(progress.line(step, summary))
-        train_metrics, interval_start = None, step + 1
-      eval_results = None
-      if do_eval:
-        eval_results = evaluate(
-          experiment.eval_step,
-          state,
-          sharding.global_batches(eval_iterable, mesh, config.prefetch_batches),
-        )
-        writer.write_scalars(
-          step, {f'eval_{k}': v for k, v in eval_results.items()}
-        )
-        logging.info(console.eval_line(step, eval_results))
-      if diagnose and (last or step % config.diagnostics_every_steps == 0):
-        writer.write_scalars(step, diagnose(state, eval_iterable))
-      if do_save:
-        checkpointing.save(manager, step, state, eval_results)
-        last_checkpoint = step
-      if preempted:
-        logging.warning(
-          'Preempted: saved step %d; run the same command to resume.', step
-        )
-        break
-    return state
+    state = _initial_state(config, experiment, manager)
+    _start(config, workdir, experiment, state, manager.latest_step())
+    loop = _Loop(config, workdir, experiment, writer, manager, diagnose)
+    return loop.run(state, preemption)
   finally:
     manager.wait_until_finished()
     manager.close()
     writer.flush()
     writer.close()
     preemption.close()
+
+
+class _Loop:
+  """The training loop of one `train_and_evaluate` call and its cadences.
+
+  Logging is clu's `ReportProgress` (`console.Progress`), evaluation and
+  diagnostics are clu `PeriodicCallback`s, profiling is clu's `Profile`, and
+  the checkpoint manager's `should_save` decides the saves
+  (`_create_manager`); a preemption notice saves and stops.
+  """
+
+  def __init__(self, config, workdir, experiment, writer, manager, diagnose):
+    self._config, self._experiment = config, experiment
+    self._writer, self._manager = writer, manager
+    self._eval_iterable = input_pipeline.create_eval_iterable(config)
+    num_steps = experiment.num_train_steps
+    self._interval = _Interval(0, manager.latest_step())
+    self.progress = console.Progress(
+      num_steps=num_steps,
+      steps_per_epoch=_steps_per_epoch(config, experiment),
+      batch_size=config.batch_size,
+      every_steps=config.log_every_steps,
+      writer=writer,
+      summarize=self._train_scalars,
+    )
+    eval_every = _eval_every_steps(config, experiment)
+    self.evaluation = periodic_actions.PeriodicCallback(
+      every_steps=eval_every or None,
+      on_steps=[num_steps],
+      callback_fn=self._evaluate,
+    )
+    self._diagnose = diagnose
+    self.diagnostics = periodic_actions.PeriodicCallback(
+      every_steps=config.get('diagnostics_every_steps', 0) or None,
+      on_steps=[num_steps] if diagnose else [],
+      callback_fn=self._diagnostics,
+    )
+    self.profile = None
+    if jax.process_index() == 0 and config.profile_steps:
+      self.profile = periodic_actions.Profile(
+        logdir=workdir, num_profile_steps=config.profile_steps
+      )
+
+  def run(self, state: TrainState, preemption) -> TrainState:
+    initial_step = int(state.step)
+    self._interval = _Interval(initial_step + 1, self._manager.latest_step())
+    batches = sharding.global_batches(
+      input_pipeline.create_train_iterator(
+        self._config, start_step=initial_step
+      ),
+      self._experiment.mesh,
+      self._config.prefetch_batches,
+    )
+    if self._diagnose and initial_step == 0:
+      self._diagnostics(step=0, t=None, state=state)
+    self.progress(initial_step)  # Starts its clock.
+    for step in range(initial_step + 1, self._experiment.num_train_steps + 1):
+      # `step` counts the steps done once this iteration ends.
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, step_metrics = self._experiment.train_step(state, next(batches))
+      self._interval.add(step_metrics)
+      self.progress(step)
+      if self.profile:
+        self.profile(step)
+      evaluated = self.evaluation(step, state=state)
+      self.diagnostics(step, state=state)
+      preempted = preemption.reached(self._manager, step)
+      if preempted or self._manager.should_save(step):
+        results = None
+        if evaluated:
+          results = self.evaluation.get_last_callback_result()
+        self._save(step, state, results)
+      if preempted:
+        logging.warning(
+          'Preempted: saved step %d; run the same command to resume.', step
+        )
+        break
+    return state
+
+  def _train_scalars(self, step: int) -> dict:
+    summary = self._interval.summary(step)
+    return {
+      **{f'train_{k}': v for k, v in summary.items()},
+      'train_learning_rate': self._experiment.learning_rate_fn(step - 1),
+    }
+
+  def _evaluate(self, step: int, t: float, state: TrainState) -> dict:
+    del t
+    with self.progress.timed('eval'):
+      results = evaluate(
+        self._experiment.eval_step,
+        state,
+        sharding.global_batches(
+          self._eval_iterable,
+          self._experiment.mesh,
+          self._config.prefetch_batches,
+        ),
+      )
+    self._writer.write_scalars(
+      step, {f'eval_{k}': v for k, v in results.items()}
+    )
+    logging.info(console.eval_line(step, results))
+    return results
+
+  def _diagnostics(self, step: int, t: float, state: TrainState) -> None:
+    del t
+    with self.progress.timed('diagnostics'):
+      scalars = self._diagnose(state, self._eval_iterable)
+    self._writer.write_scalars(step, scalars)
+
+  def _save(self, step: int, state: TrainState, eval_results) -> None:
+    """Saves `state` once its metrics are known to be finite; the metric
+    files are complete up to `step` before the checkpoint exists."""
+    self._interval.check(step)
+    self._writer.flush()
+    with self.progress.timed('checkpoint'):
+      checkpointing.save(self._manager, step, state, eval_results)
+    self._interval.last_checkpoint = step
