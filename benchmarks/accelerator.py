@@ -34,7 +34,6 @@ the test suite runs.
 
 import argparse
 import functools
-import json
 import statistics
 import time
 import types
@@ -44,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from gunn_jax import flops, models, optimization, sharding, steps
+from gunn_jax import digits, flops, models, optimization, sharding, steps
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # (network, activation dtype, per-device batch, image side).
@@ -91,16 +90,15 @@ QUICK_DIGITS = dict(
 )
 QUICK_DIGITS_IMAGE_SIZE = 8
 _NUM_TRAIN_EXAMPLES = 50_000  # Only sets the step schedule's boundaries.
-_DIGITS_TEST_EVERY = (
-  5  # The k-th digit of a class is a test digit iff k % 5 == 4.
-)
 
 
-def _optimizer(settings: dict, num_examples: int):
+def _program(model, settings: dict, image_shape, num_examples: int, mesh):
+  """`steps.create_train_program` with the optimiser of `settings`."""
   config = types.SimpleNamespace(**settings)
   num_steps = optimization.total_train_steps(config, num_examples)
-  lr_fn = optimization.create_learning_rate_fn(config, num_examples, num_steps)
-  return optimization.create_optimizer(config, lr_fn), num_steps
+  return steps.create_train_program(
+    model, config, image_shape, num_examples, num_steps, mesh
+  )
 
 
 def _memory(compiled) -> dict:
@@ -124,34 +122,14 @@ def measure_step(name, dtype, per_device_batch, image_size, num_steps, warmup):
   imagenet = models.MODELS[name].get('imagenet_stem', False)
   num_classes = 1000 if imagenet else 10
   model = models.create_model(name, num_classes, dtype=DTYPES[dtype])
-  tx, _ = _optimizer(BASE, _NUM_TRAIN_EXAMPLES)
   batch_size = per_device_batch * jax.device_count()
   image_shape = (image_size, image_size, 3)
   mesh = sharding.create_mesh()
-  replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  state = jax.jit(
-    functools.partial(steps.create_train_state, model, tx, image_shape),
-    out_shardings=replicated,
-  )(jax.random.key(0))
-  image_key, label_key = jax.random.split(jax.random.key(1))
-  batch = jax.device_put(
-    {
-      'images': jax.random.normal(image_key, (batch_size, *image_shape)),
-      'labels': jax.random.randint(label_key, (batch_size,), 0, num_classes),
-    },
-    batched,
-  )
+  program = _program(model, BASE, image_shape, _NUM_TRAIN_EXAMPLES, mesh)
+  state = program.create_state(seed=0)
+  batch = timing.random_batch(mesh, batch_size, image_shape, num_classes)
   start = time.perf_counter()
-  compiled = (
-    jax.jit(
-      steps.train_step,
-      in_shardings=(replicated, batched),
-      out_shardings=(replicated, replicated),
-      donate_argnums=0,
-    )
-    .lower(state, batch)
-    .compile()
-  )
+  compiled = program.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   state, metrics, times = timing.time_steps(
     compiled, state, batch, num_steps, warmup
@@ -191,10 +169,7 @@ def load_digits(image_size: int):
     training split's mean and standard deviation on the 0..255 scale;
     labels int32. Resized bilinearly from 8x8 with `jax.image.resize`.
   """
-  from sklearn import datasets  # Only the digits need scikit-learn.
-
-  digits = datasets.load_digits()
-  images = np.round(digits.images * (255 / 16))[..., None]
+  images, labels, test = digits.load_raw()
   images = np.asarray(
     jax.image.resize(
       jnp.asarray(images, jnp.float32),
@@ -203,12 +178,6 @@ def load_digits(image_size: int):
     )
   )
   images = np.repeat(np.clip(np.round(images), 0, 255), 3, axis=-1)
-  labels = digits.target.astype(np.int32)
-  rank = np.zeros_like(labels)
-  for label in np.unique(labels):
-    where = np.flatnonzero(labels == label)
-    rank[where] = np.arange(len(where))
-  test = rank % _DIGITS_TEST_EVERY == _DIGITS_TEST_EVERY - 1
   mean, std = images[~test].mean(), images[~test].std()
   images = ((images - mean) / std).astype(np.float32)
   return (images[~test], labels[~test]), (images[test], labels[test])
@@ -220,50 +189,45 @@ def train_digits(settings: dict, image_size: int) -> dict:
     image_size
   )
   model = models.create_model(settings['model'], 10)
-  tx, num_steps = _optimizer(settings, len(train_labels))
   batch_size = settings['batch_size']
+  image_shape = train_images.shape[1:]
   mesh = sharding.create_mesh()
-  replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  program = _program(model, settings, image_shape, len(train_labels), mesh)
+  num_steps = optimization.total_train_steps(
+    types.SimpleNamespace(**settings), len(train_labels)
+  )
   rng = np.random.default_rng(0)
   epochs = -(-num_steps * batch_size // len(train_labels))
   order = np.concatenate(
     [rng.permutation(len(train_labels)) for _ in range(epochs)]
   )[: num_steps * batch_size].reshape(num_steps, batch_size)
   data = jax.device_put(
-    (train_images, train_labels, order.astype(np.int32)), replicated
+    (train_images, train_labels, order.astype(np.int32)),
+    sharding.replicated(mesh),
   )
   jax.block_until_ready(data)
 
-  @functools.partial(jax.jit, donate_argnums=0)
-  def step(state, data, index):
+  @functools.partial(jax.jit, out_shardings=sharding.batch_sharded(mesh))
+  def gather(data, index):
     images, labels, order = data
-    batch = jax.lax.with_sharding_constraint(
-      {'images': images[order[index]], 'labels': labels[order[index]]},
-      batched,
-    )
-    return steps.train_step(state, batch)
+    return {'images': images[order[index]], 'labels': labels[order[index]]}
 
-  image_shape = train_images.shape[1:]
-  state = jax.jit(
-    functools.partial(steps.create_train_state, model, tx, image_shape),
-    out_shardings=replicated,
-  )(jax.random.key(0))
+  state = program.create_state(seed=0)
   start = time.perf_counter()
-  compiled = step.lower(state, data, 0).compile()
+  compiled = program.train_step.lower(state, gather(data, 0)).compile()
   compile_s = time.perf_counter() - start
   start = time.perf_counter()
   for index in range(num_steps):
-    state, metrics = compiled(state, data, index)
+    state, metrics = compiled(state, gather(data, index))
   jax.block_until_ready(state)
   train_s = time.perf_counter() - start
   correct = 0
   eval_batch = settings['eval_batch_size']
-  eval_step = jax.jit(steps.eval_step)
   for first in range(0, len(test_labels), eval_batch):
     images = test_images[first : first + eval_batch]
     labels = test_labels[first : first + eval_batch]
     pad = eval_batch - len(labels)
-    sums = eval_step(
+    sums = program.eval_step(
       state,
       {
         'images': np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
@@ -348,12 +312,12 @@ def main(argv=None) -> list[dict]:
   args = parser.parse_args(argv)
   start = time.perf_counter()
   if args.quick:
-    digits = train_digits(QUICK_DIGITS, QUICK_DIGITS_IMAGE_SIZE)
+    learning = train_digits(QUICK_DIGITS, QUICK_DIGITS_IMAGE_SIZE)
     cases, num_steps, warmup = QUICK_CASES, 2, 1
   else:
-    digits = train_digits(QUICKSTART, DIGITS_IMAGE_SIZE)
+    learning = train_digits(QUICKSTART, DIGITS_IMAGE_SIZE)
     cases, num_steps, warmup = CASES, args.steps, args.warmup
-  records = [digits]
+  records = [learning]
   print(table(records), flush=True)
   for name, dtype, batch, image_size in cases:
     if time.perf_counter() - start > 60 * args.max_minutes:
@@ -372,18 +336,7 @@ def main(argv=None) -> list[dict]:
         measure_step(name, dtype, batch, image_size, num_steps, warmup)
       )
     print(table(records[-1:]).splitlines()[-1], flush=True)
-  description = timing.machine()
-  records = [{**r, **description} for r in records]
-  print(
-    f'\n{description["device_kind"]} ({description["platform"]}), '
-    f'{description["device_count"]} devices, jax {description["jax_version"]}'
-    f', {time.perf_counter() - start:.0f} s\n'
-  )
-  print(table(records))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(records, f, indent=2)
-  return records
+  return timing.finish(records, table, args.json, time.perf_counter() - start)
 
 
 if __name__ == '__main__':

@@ -47,8 +47,6 @@ average when its measurement started.
 """
 
 import argparse
-import functools
-import json
 import math
 import os
 import statistics
@@ -59,7 +57,7 @@ import jax
 from benchmarks import input_pipeline as input_benchmark
 from benchmarks import timing
 from configs import base
-from gunn_jax import flops, models, optimization, sharding, train
+from gunn_jax import flops, models, optimization, sharding, steps, train
 
 VARIANTS = ('gunn', 'gunn_autodiff', 'sunn')
 DTYPES = {'float32': False, 'bfloat16': True}  # -> config.half_precision.
@@ -123,41 +121,26 @@ def compile_train_step(
     (compiled step, train state, batch, seconds to lower and compile).
   """
   config, model = create_network(name, variant, dtype, paths)
-  num_classes = model.num_classes
-  lr_fn = optimization.create_learning_rate_fn(
-    config,
-    _NUM_TRAIN_EXAMPLES,
-    optimization.total_train_steps(config, _NUM_TRAIN_EXAMPLES),
-  )
-  tx = optimization.create_optimizer(config, lr_fn)
   image_shape = (image_size, image_size, 3)
   mesh = sharding.create_mesh()
-  replicated = sharding.replicated(mesh)
-  state = jax.jit(
-    functools.partial(train.create_train_state, model, tx, image_shape),
-    out_shardings=replicated,
-  )(jax.random.key(0))
-  image_key, label_key = jax.random.split(jax.random.key(1))
-  batch = jax.device_put(
-    {
-      'images': jax.random.normal(image_key, (batch_size, *image_shape)),
-      'labels': jax.random.randint(label_key, (batch_size,), 0, num_classes),
-    },
-    sharding.batch_sharded(mesh),
+  program = steps.create_train_program(
+    model,
+    config,
+    image_shape,
+    _NUM_TRAIN_EXAMPLES,
+    optimization.total_train_steps(config, _NUM_TRAIN_EXAMPLES),
+    mesh,
+    step_fn=train.train_step,
   )
-  train_step = jax.jit(
-    train.train_step,
-    in_shardings=(replicated, sharding.batch_sharded(mesh)),
-    out_shardings=(replicated, replicated),
-    donate_argnums=0,
-  )
+  state = program.create_state(seed=0)
+  batch = timing.random_batch(mesh, batch_size, image_shape, model.num_classes)
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile(compiler_options)
+  compiled = program.train_step.lower(state, batch).compile(compiler_options)
   return compiled, state, batch, time.perf_counter() - start
 
 
 def measure_train_step(
-  name, variant, dtype, batch_size, image_size, steps, warmup, paths=None
+  name, variant, dtype, batch_size, image_size, num_steps, warmup, paths=None
 ) -> dict:
   """Compiles and times the training step of one network; returns a record."""
   load = os.getloadavg()[0]
@@ -167,7 +150,7 @@ def measure_train_step(
   memory = compiled.memory_analysis()
   xla_flops = _first(compiled.cost_analysis()).get('flops')
   state, metrics, times = timing.time_steps(
-    compiled, state, batch, steps, warmup
+    compiled, state, batch, num_steps, warmup
   )
   forward = flops.forward_flops_per_image(
     create_network(name, variant, dtype, paths)[1],
@@ -183,7 +166,7 @@ def measure_train_step(
     'dtype': dtype,
     'batch_size': batch_size,
     'image_size': image_size,
-    'steps': steps,
+    'steps': num_steps,
     'step_ms_median': median,
     'step_ms_min': min(times),
     'step_ms_max': max(times),
@@ -367,17 +350,7 @@ def main(argv=None) -> list[dict]:
         args.batch_size, args.input_image_size, args.input_batches
       )
     )
-  description = timing.machine()
-  records = [{**r, **description} for r in records]
-  print(
-    f'\n{description["device_kind"]} ({description["platform"]}), '
-    f'{description["cpu_count"]} CPUs, jax {description["jax_version"]}\n'
-  )
-  print(markdown_table(records))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(records, f, indent=2)
-  return records
+  return timing.finish(records, markdown_table, args.json)
 
 
 if __name__ == '__main__':

@@ -33,7 +33,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from gunn_jax import errors, folders, preprocessing
+from gunn_jax import digits, errors, folders, preprocessing
 
 # TensorFlow only feeds the host; JAX owns the accelerators.
 tf.config.set_visible_devices([], 'GPU')
@@ -45,7 +45,6 @@ TFDS_SPLITS = {
 }
 _FOLDER_PREFIX = 'folder:'
 _DEFAULT_SIZE = {'cifar': 32, 'imagenet': 224, 'digits': 16}
-_DIGITS_TEST_EVERY = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,17 +149,8 @@ def split_size(builder, split: str) -> int:
 @functools.lru_cache(maxsize=4)
 def _digits(image_size: int) -> tuple[Split, Split, tuple, tuple]:
   """Digits train/test splits and the training split's mean/std."""
-  from sklearn import datasets  # Imported lazily: only digits needs it.
-
-  digits = datasets.load_digits()
-  images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
+  images, labels, test = digits.load_raw()
   images = preprocessing.resize_square_uint8(images, image_size).numpy()
-  labels = digits.target.astype(np.int32)
-  rank = np.zeros_like(labels)
-  for label in np.unique(labels):
-    where = np.flatnonzero(labels == label)
-    rank[where] = np.arange(len(where))
-  test = rank % _DIGITS_TEST_EVERY == _DIGITS_TEST_EVERY - 1
   train_images = images[~test].astype(np.float64)
   mean = tuple(train_images.mean(axis=(0, 1, 2)).tolist())
   std = tuple(train_images.std(axis=(0, 1, 2)).tolist())

@@ -1,15 +1,15 @@
 """Shared pytest setup.
 
 * The repository root goes on `sys.path` (for `configs` and `main`).
-* `main.main` runs in-process define one absl flag per `--config.KEY`
-  override they see, and absl refuses to define a flag twice: every test
-  starts without them.
+* Every test starts without the `--config.KEY` flags of earlier in-process
+  `main.main` runs (`helpers.drop_config_override_flags`).
 * XLA's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`, by default
   in the system's temp dir) is shared by this process and the `main.py`
-  subprocesses that tests start: on 2 CPU cores, compiling even a tiny GUNN
-  takes tens of seconds, running it milliseconds.
+  subprocesses that tests start, for programs of any compile time: on 2 CPU
+  cores, compiling even a tiny GUNN takes seconds, running it milliseconds.
 """
 
+import functools
 import os
 import pathlib
 import sys
@@ -17,32 +17,33 @@ import tempfile
 
 import jax
 import pytest
-import tensorflow_datasets as tfds
-from absl import flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))
 
+import helpers  # noqa: E402  (needs the repository root on sys.path)
+
 os.environ.setdefault(
   'JAX_COMPILATION_CACHE_DIR',
   os.path.join(tempfile.gettempdir(), 'gunn_jax_test_compilation_cache'),
 )
+# Every program is kept, not only those that compile in over a second: the
+# suite compiles many small programs more than once (each new optimiser or
+# model object retraces), in this process and in subprocesses.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 jax.config.update(
   'jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR']
 )
-
-
-def drop_config_override_flags() -> None:
-  """Forgets the `config.KEY` flags of earlier `main.main` runs."""
-  for name in list(flags.FLAGS):
-    if name.startswith('config.'):
-      delattr(flags.FLAGS, name)
+jax.config.update(
+  'jax_persistent_cache_min_compile_time_secs',
+  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']),
+)
 
 
 @pytest.fixture(autouse=True)
 def _no_config_override_flags():
-  drop_config_override_flags()
+  helpers.drop_config_override_flags()
 
 
 @pytest.fixture(scope='module')
@@ -59,28 +60,8 @@ def fast_compile():
 
 @pytest.fixture
 def mock_tfds(tmp_path):
-  """Returns `mock(name, sizes)`: a TFDS mocking context with split sizes.
+  """Returns `mock(name, sizes)`: `helpers.mock_tfds` in `tmp_path`.
 
-  The metadata (split sizes) goes to `tmp_path`, which configs must use as
-  `data_dir`; TFDS generates random examples of the dataset's features.
+  Configs must use `tmp_path` as `data_dir`.
   """
-
-  def mock(name: str, sizes: dict[str, int]):
-    builder = tfds.builder(name, data_dir=str(tmp_path))
-    builder.info.set_splits(
-      tfds.core.SplitDict(
-        [
-          tfds.core.SplitInfo(name=split, shard_lengths=[size], num_bytes=0)
-          for split, size in sizes.items()
-        ]
-      )
-    )
-    pathlib.Path(builder.data_dir).mkdir(parents=True, exist_ok=True)
-    builder.info.write_to_directory(builder.data_dir)
-    return tfds.testing.mock_data(
-      num_examples=max(sizes.values()),
-      policy=tfds.testing.MockPolicy.USE_FILES,
-      data_dir=str(tmp_path),
-    )
-
-  return mock
+  return functools.partial(helpers.mock_tfds, tmp_path)

@@ -11,13 +11,14 @@ import re
 import subprocess
 import sys
 
+import helpers
 import jax
 import numpy as np
 import pytest
-from absl import flags
+from helpers import COLOURS as CLASSES
+from helpers import REPO_ROOT, TINY
 from PIL import Image
 
-import main
 from configs import tiny
 from gunn_jax import (
   checkpointing,
@@ -32,8 +33,6 @@ from gunn_jax import (
 from gunn_jax.errors import UserError
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLASSES = ('blue', 'green', 'red')
 NUM_VAL = 3  # Validation images per class.
 
 
@@ -53,19 +52,6 @@ def run(tmp_path_factory):
   return workdir
 
 
-def write_folder(root, rng):
-  """ROOT/{train,val}/<colour>/*.png: noisy images of one dominant colour."""
-  for split, count in (('train', 8), ('val', NUM_VAL)):
-    for label, name in enumerate(CLASSES):
-      os.makedirs(os.path.join(root, split, name))
-      for i in range(count):
-        image = rng.integers(0, 90, (12, 10, 3))
-        image[..., 2 - label] += 160
-        Image.fromarray(image.astype(np.uint8)).save(
-          os.path.join(root, split, name, f'{i}.png')
-        )
-
-
 def finetune_config(root, init_from, **overrides):
   config = tiny.get_config()
   config.update(
@@ -81,7 +67,7 @@ def finetune_config(root, init_from, **overrides):
 @pytest.fixture(scope='module')
 def finetuned(run, tmp_path_factory):
   root = str(tmp_path_factory.mktemp('folder'))
-  write_folder(root, np.random.default_rng(0))
+  helpers.write_colour_folder(root, num_val=NUM_VAL)
   workdir = str(tmp_path_factory.mktemp('finetuned'))
   config = finetune_config(root, run)
   state = train.train_and_evaluate(config, workdir)
@@ -125,18 +111,8 @@ def test_snapshots_are_never_deleted(run):
 
 
 def run_main(capsys, *args):
-  """Runs main.main in this process; returns (exit status, stdout)."""
-  argv = ['main.py', f'--config={REPO_ROOT}/configs/tiny.py', *args]
-  saved_argv, sys.argv = sys.argv, argv  # config_flags reads overrides here.
-  status = 0
-  try:
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
-    main.main(['main.py'])
-  except SystemExit as e:
-    status = e.code
-  finally:
-    sys.argv = saved_argv
+  """`main.py --config=configs/tiny.py ARGS...`; (exit status, stdout)."""
+  status = helpers.run_main(f'--config={TINY}', *args)
   return status, capsys.readouterr().out
 
 

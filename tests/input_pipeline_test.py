@@ -3,6 +3,7 @@
 import itertools
 import os
 
+import helpers
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -245,30 +246,10 @@ def test_missing_tfds_dataset_is_a_user_error(tmp_path, name):
     input_pipeline.create_train_iterator(config)
 
 
-def _mock_tfds(data_dir, name, sizes):
-  """Writes TFDS metadata with split sizes and returns the mocking context."""
-  builder = tfds.builder(name, data_dir=str(data_dir))
-  builder.info.set_splits(
-    tfds.core.SplitDict(
-      [
-        tfds.core.SplitInfo(name=split, shard_lengths=[size], num_bytes=0)
-        for split, size in sizes.items()
-      ]
-    )
-  )
-  os.makedirs(builder.data_dir)
-  builder.info.write_to_directory(builder.data_dir)
-  return tfds.testing.mock_data(
-    num_examples=max(sizes.values()),
-    policy=tfds.testing.MockPolicy.USE_FILES,
-    data_dir=str(data_dir),
-  )
-
-
 @pytest.mark.parametrize('name', ['cifar10', 'cifar100'])
 def test_mocked_cifar(tmp_path, name):
   config = _config(dataset=name, data_dir=str(tmp_path), eval_batch_size=6)
-  with _mock_tfds(tmp_path, name, {'train': 16, 'test': 16}):
+  with helpers.mock_tfds(tmp_path, name, {'train': 16, 'test': 16}):
     info = datasets.get_dataset_info(config)
     assert info.num_classes == int(name[5:])
     assert (info.num_train_examples, info.num_eval_examples) == (16, 16)
@@ -295,7 +276,9 @@ def test_mocked_imagenet(tmp_path):
     eval_batch_size=4,
     shuffle_buffer_size=8,
   )
-  with _mock_tfds(tmp_path, 'imagenet2012', {'train': 12, 'validation': 12}):
+  with helpers.mock_tfds(
+    tmp_path, 'imagenet2012', {'train': 12, 'validation': 12}
+  ):
     info = datasets.get_dataset_info(config)
     assert info.num_classes == 1000 and info.image_shape == (24, 24, 3)
     iterator = input_pipeline.create_train_iterator(

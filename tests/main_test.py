@@ -5,29 +5,16 @@ import os
 import subprocess
 import sys
 
+import helpers
 import pytest
-from absl import flags
-
-import main
+from helpers import REPO_ROOT, TINY
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO_ROOT, 'configs', 'tiny.py')
 
 
 def run_main(workdir, *args):
-  """Runs main.main in this process; returns its exit status."""
-  argv = ['main.py', f'--config={TINY}', f'--workdir={workdir}', *args]
-  saved_argv, sys.argv = sys.argv, argv  # config_flags reads overrides here.
-  try:
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
-    main.main(['main.py'])
-  except SystemExit as e:
-    return e.code
-  finally:
-    sys.argv = saved_argv
-  return 0
+  """`main.py --config=configs/tiny.py --workdir=WORKDIR ARGS...`."""
+  return helpers.run_main(f'--config={TINY}', f'--workdir={workdir}', *args)
 
 
 @pytest.mark.parametrize(

@@ -8,49 +8,14 @@ import shutil
 import subprocess
 import sys
 
-import conftest
+import helpers
 import numpy as np
 import pytest
-from absl import flags
+from helpers import COLOURS, REPO_ROOT, TINY
 from PIL import Image
 
-import main
 from configs import tiny
 from gunn_jax import checkpointing, inference, runs, tools, train
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO_ROOT, 'configs', 'tiny.py')
-COLOURS = ('blue', 'green', 'red')
-
-
-def run_main(*argv):
-  """Runs main.main in this process; returns its exit status."""
-  argv = ['main.py', *argv]
-  saved_argv, sys.argv = sys.argv, argv  # config_flags reads overrides here.
-  conftest.drop_config_override_flags()  # Those of earlier calls.
-  try:
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
-    main.main(['main.py'])
-  except SystemExit as e:
-    return e.code
-  finally:
-    sys.argv = saved_argv
-  return 0
-
-
-def _write_colours(root):
-  """ROOT/{train,val}/<colour>/*.png, 12x10 images of one dominant colour."""
-  rng = np.random.default_rng(0)
-  for split, count in (('train', 8), ('val', 3)):
-    for label, name in enumerate(COLOURS):
-      os.makedirs(root / split / name)
-      for i in range(count):
-        image = rng.integers(0, 90, (12, 10, 3))
-        image[..., 2 - label] += 160
-        Image.fromarray(image.astype(np.uint8)).save(
-          root / split / name / f'{i}.png'
-        )
 
 
 @pytest.fixture(scope='module')
@@ -60,10 +25,10 @@ def folder_run(tmp_path_factory):
   The folder is given relative to the working directory of training.
   """
   root = tmp_path_factory.mktemp('colours')
-  _write_colours(root)
+  helpers.write_colour_folder(root)
   workdir = str(tmp_path_factory.mktemp('run'))
   with contextlib.chdir(root.parent):
-    status = run_main(
+    status = helpers.run_main(
       f'--config={TINY}',
       f'--workdir={workdir}',
       f'--config.dataset=folder:{root.name}',
@@ -103,7 +68,7 @@ def test_eval_needs_no_training_overrides(folder_run):
 
 def test_eval_overrides_apply_on_top_of_the_saved_config(folder_run, caplog):
   workdir = folder_run['workdir']
-  status = run_main(
+  status = helpers.run_main(
     f'--config={TINY}',
     f'--workdir={workdir}',
     '--mode=eval',
@@ -148,20 +113,20 @@ def test_classify_without_the_dataset(folder_run, tmp_path, capsys):
 def test_resume_with_other_model_or_data_is_refused(tmp_path, capsys, change):
   workdir = tmp_path / 'run'
   argv = [f'--config={TINY}', f'--workdir={workdir}', '--config.batch_size=8']
-  assert run_main(*argv, '--config.num_train_steps=2') == 0
+  assert helpers.run_main(*argv, '--config.num_train_steps=2') == 0
   saved = (workdir / 'config.json').read_text()
   steps = sorted(os.listdir(workdir / 'checkpoints'))
   if change == 'model':
     overrides, named = ['--config.model=sunn_tiny'], 'model'
   else:
-    _write_colours(tmp_path / 'colours')
+    helpers.write_colour_folder(tmp_path / 'colours')
     overrides = [
       f'--config.dataset=folder:{tmp_path / "colours"}',
       '--config.learning_rate=0.2',
     ]
     named = 'dataset, learning_rate, classes'
   capsys.readouterr()
-  assert run_main(*argv, '--config.num_train_steps=2', *overrides) == 2
+  assert helpers.run_main(*argv, '--config.num_train_steps=2', *overrides) == 2
   error = capsys.readouterr().err
   assert error == (
     f'error: {workdir} holds a run with different {named} (see '
@@ -175,8 +140,8 @@ def test_resume_with_other_model_or_data_is_refused(tmp_path, capsys, change):
 def test_allowed_config_change_resumes(tmp_path):
   workdir = tmp_path / 'run'
   argv = [f'--config={TINY}', f'--workdir={workdir}']
-  assert run_main(*argv, '--config.num_train_steps=2') == 0
-  status = run_main(
+  assert helpers.run_main(*argv, '--config.num_train_steps=2') == 0
+  status = helpers.run_main(
     *argv, '--config.num_train_steps=4', '--allow_config_change'
   )
   assert status == 0

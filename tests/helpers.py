@@ -1,0 +1,89 @@
+"""What several test modules share: the command line in-process, mock TFDS
+data with split sizes, and a generated image folder."""
+
+import contextlib
+import os
+import pathlib
+import sys
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+from PIL import Image
+
+import main
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(REPO_ROOT / 'configs' / 'tiny.py')
+COLOURS = ('blue', 'green', 'red')
+
+
+def drop_config_override_flags() -> None:
+  """Forgets the `config.KEY` flags of earlier `main.main` runs.
+
+  `main.main` defines one absl flag per `--config.KEY` override it sees,
+  and absl refuses to define a flag twice.
+  """
+  for name in list(flags.FLAGS):
+    if name.startswith('config.'):
+      delattr(flags.FLAGS, name)
+
+
+def run_main(*argv) -> int:
+  """Runs `main.py ARGV...` in this process; returns its exit status."""
+  argv = ['main.py', *map(str, argv)]
+  saved_argv, sys.argv = sys.argv, argv  # config_flags reads overrides here.
+  drop_config_override_flags()
+  try:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    main.main(['main.py'])
+  except SystemExit as e:
+    return e.code
+  finally:
+    sys.argv = saved_argv
+  return 0
+
+
+@contextlib.contextmanager
+def mock_tfds(data_dir, name: str, sizes: dict[str, int]):
+  """TFDS's mock data for dataset `name`, with the given split sizes.
+
+  The metadata (split sizes) is written to `data_dir`, which configs must
+  use as `data_dir`; TFDS generates random examples of the features.
+  """
+  builder = tfds.builder(name, data_dir=str(data_dir))
+  builder.info.set_splits(
+    tfds.core.SplitDict(
+      [
+        tfds.core.SplitInfo(name=split, shard_lengths=[size], num_bytes=0)
+        for split, size in sizes.items()
+      ]
+    )
+  )
+  pathlib.Path(builder.data_dir).mkdir(parents=True, exist_ok=True)
+  builder.info.write_to_directory(builder.data_dir)
+  with tfds.testing.mock_data(
+    num_examples=max(sizes.values()),
+    policy=tfds.testing.MockPolicy.USE_FILES,
+    data_dir=str(data_dir),
+  ):
+    yield
+
+
+def write_colour_folder(root, num_train: int = 8, num_val: int = 3) -> None:
+  """ROOT/{train,val}/<colour>/*.png: noisy 12x10 images, one colour each.
+
+  The class's channel (red, green or blue) dominates every image, so a
+  tiny model can learn the classes in a few steps.
+  """
+  rng = np.random.default_rng(0)
+  for split, count in (('train', num_train), ('val', num_val)):
+    for label, name in enumerate(COLOURS):
+      os.makedirs(os.path.join(root, split, name))
+      for i in range(count):
+        image = rng.integers(0, 90, (12, 10, 3))
+        image[..., 2 - label] += 160
+        Image.fromarray(image.astype(np.uint8)).save(
+          os.path.join(root, split, name, f'{i}.png')
+        )
