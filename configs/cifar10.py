@@ -25,7 +25,7 @@ small steps to check that everything runs).
 | GUNN-24, 6 snapshots | `:gunn24,snapshot` | 3.02 | not yet trained |
 
 Hardware and wall time: not yet measured (one CPU step of GUNN-15 at batch 64
-takes seconds (README, Benchmarks), so these runs need an accelerator).
+takes seconds (docs/benchmarks.md), so these runs need an accelerator).
 """
 
 import ml_collections

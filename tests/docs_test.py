@@ -62,15 +62,21 @@ def test_every_cited_repository_path_exists():
   assert not missing
 
 
-@pytest.mark.parametrize(
-  'page',
-  ['README.md']
-  + [
-    os.path.join('docs', name)
-    for name in sorted(os.listdir(os.path.join(REPO_ROOT, 'docs')))
-    if name.endswith('.md')
-  ],
-)
+# README.md and every docs page (the moved README sections among them).
+PAGES = ['README.md'] + [
+  os.path.join('docs', name)
+  for name in sorted(os.listdir(os.path.join(REPO_ROOT, 'docs')))
+  if name.endswith('.md')
+]
+
+
+def test_readme_links_every_docs_page():
+  readme = read(os.path.join(REPO_ROOT, 'README.md'))
+  unlinked = [page for page in PAGES[1:] if f']({page})' not in readme]
+  assert not unlinked
+
+
+@pytest.mark.parametrize('page', PAGES)
 def test_relative_links_resolve(page):
   text = read(os.path.join(REPO_ROOT, page))
   for target in re.findall(r'\]\(([^)#\s]+)', text):
@@ -78,3 +84,25 @@ def test_relative_links_resolve(page):
       continue
     path = os.path.join(REPO_ROOT, os.path.dirname(page), target)
     assert os.path.exists(path), target
+
+
+def anchors(text):
+  """GitHub's anchors of a page's headings: lower case, `-` for spaces."""
+  return {
+    re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-')
+    for heading in re.findall(r'^#+ (.*)$', text, re.M)
+  }
+
+
+@pytest.mark.parametrize('page', PAGES)
+def test_link_anchors_name_a_heading(page):
+  """`[...](#x)` and `[...](page.md#x)` lead to a heading of that page."""
+  text = read(os.path.join(REPO_ROOT, page))
+  for target, anchor in re.findall(r'\]\(([^)#\s]*)#([^)\s]+)\)', text):
+    if '://' in target:
+      continue
+    if target:
+      path = os.path.join(REPO_ROOT, os.path.dirname(page), target)
+    else:
+      path = os.path.join(REPO_ROOT, page)
+    assert anchor in anchors(read(path)), f'{target}#{anchor}'

@@ -1,10 +1,13 @@
-"""Keeps README.md honest: its commands parse, and the short ones run.
+"""Keeps README.md and docs/*.md honest: commands parse, short ones run.
 
-Every `python main.py` command in the README must name a config that loads
-and override only keys that exist. The commands of its code blocks that need
-no downloaded data (the quickstart, evaluation, tools, `python -c` snippets)
-run in order in a scratch directory, with tiny training settings appended.
-Its ```python snippets run as they are.
+The pages are read in `PAGES` order: README.md first (the quickstart
+trains `runs/quickstart`), then the docs pages whose commands use that run,
+then any other docs page by name. Every `python main.py` command of every
+page must name a config that loads and override only keys that exist. The
+commands of their code blocks that need no downloaded data (the quickstart,
+evaluation, tools, `python -c` snippets) run in that order in one scratch
+directory, with tiny training settings appended. Their ```python snippets
+run as they are.
 """
 
 import importlib.util
@@ -19,20 +22,51 @@ import textwrap
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-README = (ROOT / 'README.md').read_text()
-# Appended to the README's main.py commands: a tiny model and a few steps.
+# README.md, then the pages whose commands build on each other in this
+# order (the quickstart run, then what reads it); then the rest by name.
+ORDER = [
+  'README.md',
+  'docs/data.md',
+  'docs/training.md',
+  'docs/multihost_training.md',
+  'docs/inference.md',
+  'docs/section4.md',
+  'docs/benchmarks.md',
+  'docs/gpu_tpu.md',
+]
+PAGES = ORDER + sorted(
+  f'docs/{path.name}'
+  for path in (ROOT / 'docs').glob('*.md')
+  if f'docs/{path.name}' not in ORDER
+)
+TEXTS = {page: (ROOT / page).read_text() for page in PAGES}
+# Appended to the pages' main.py commands: a tiny model and a few steps
+# (3: one evaluation and one checkpoint, and room for the snapshot run's
+# 3 cycles).
 TINY_MODEL = ['--config.model=gunn_tiny']
 TINY_TRAINING = [
-  '--config.num_train_steps=6',
+  '--config.num_train_steps=3',
   '--config.eval_every_steps=3',
   '--config.checkpoint_every_steps=3',
   '--config.log_every_steps=1',
 ]
+# For the subprocesses: compile with most XLA optimisations off (a few
+# steps of a tiny model), and cache every compilation in the suite's cache
+# (JAX_COMPILATION_CACHE_DIR, set by conftest.py), however quick or small.
+FAST_COMPILE = {
+  'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',
+  'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+  'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
+}
 
 
-def block_commands():
-  """Commands of the indented code blocks, `python -c` ones kept whole."""
-  commands, lines = [], README.splitlines()
+def block_commands(pages=PAGES):
+  """Commands of the pages' indented code blocks, `python -c` ones whole."""
+  return [c for page in pages for c in _block_commands(TEXTS[page])]
+
+
+def _block_commands(text):
+  commands, lines = [], text.splitlines()
   index = 0
   while index < len(lines):
     line = lines[index]
@@ -50,10 +84,14 @@ def block_commands():
   return [c for c in commands if c.startswith('python ')]
 
 
-def main_commands():
+def main_commands(pages=PAGES):
   """Every `python main.py ...` command, in code blocks or in backticks."""
-  inline = re.findall(r'`(python main\.py [^`]+)`', README)
-  blocks = [c for c in block_commands() if c.startswith('python main.py')]
+  inline = [
+    c
+    for page in pages
+    for c in re.findall(r'`(python main\.py [^`]+)`', TEXTS[page])
+  ]
+  blocks = [c for c in block_commands(pages) if c.startswith('python main.py')]
   return inline + blocks
 
 
@@ -66,10 +104,30 @@ def load_config(argument):
 
 
 def test_readme_has_the_commands_we_document():
-  commands = main_commands()
-  assert len(commands) >= 20
-  assert any('configs/imagenet.py:wide_gunn18' in c for c in commands)
-  assert any(c.startswith('python -m gunn_jax.tools') for c in block_commands())
+  for page in ORDER:
+    assert (ROOT / page).exists(), page
+  # README: the quickstart, the test command and the paper's experiments.
+  readme = main_commands(['README.md'])
+  assert any('configs/quickstart.py' in c for c in readme)
+  assert 'python -m pytest -q' in TEXTS['README.md']
+  assert len(readme) >= 15
+  assert any('configs/imagenet.py:wide_gunn18' in c for c in readme)
+  # The docs pages: evaluation, fine-tuning, multi-host and the tools.
+  docs = main_commands(PAGES[1:])
+  assert len(docs) >= 8
+  assert any('--mode=eval' in c for c in docs)
+  assert any('--coordinator_address=' in c for c in docs)
+  tools = [
+    c
+    for c in block_commands(PAGES[1:])
+    if c.startswith('python -m gunn_jax.tools')
+  ]
+  assert {c.split()[3] for c in tools} >= {
+    'classify',
+    'features',
+    'ensemble',
+    'singularities',
+  }
 
 
 @pytest.mark.parametrize('command', sorted(set(main_commands())))
@@ -101,9 +159,10 @@ def test_short_commands_run_in_order(tmp_path):
   for name in ('main.py', 'configs', 'gunn_jax'):
     (tmp_path / name).symlink_to(ROOT / name)
   (tmp_path / 'runs').mkdir()
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env = dict(os.environ, PYTHONPATH=str(ROOT), **FAST_COMPILE)
   commands = [c for c in block_commands() if runnable(c)]
-  assert len(commands) >= 10
+  assert len(commands) >= 15
+  assert 'configs/quickstart.py' in commands[0]
   for command in commands:
     if command.startswith('python -c'):
       # What bash makes of the double-quoted program: \" becomes ".
@@ -126,14 +185,19 @@ def test_short_commands_run_in_order(tmp_path):
 
 
 def python_snippets():
-  """The fenced ```python blocks, dedented."""
-  return [
-    textwrap.dedent(block)
-    for block in re.findall(r'^ *```python\n(.*?)^ *```', README, re.S | re.M)
-  ]
+  """The fenced ```python blocks of every page, dedented, by page."""
+  return {
+    f'{page}:{index}': textwrap.dedent(block)
+    for page in PAGES
+    for index, block in enumerate(
+      re.findall(r'^ *```python\n(.*?)^ *```', TEXTS[page], re.S | re.M)
+    )
+  }
 
 
-@pytest.mark.parametrize('snippet', python_snippets())
+@pytest.mark.parametrize(
+  'snippet', python_snippets().values(), ids=python_snippets().keys()
+)
 def test_python_snippets_run(snippet):
   result = subprocess.run(
     [sys.executable, '-c', snippet],
