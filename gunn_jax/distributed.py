@@ -18,7 +18,9 @@ starts a backend. (Unset, JAX 0.10 also picks gloo.)
 
 A process that fails or dies ends the run: the others stop once
 `peer_timeout_s` passes without its heartbeats, or with it missing at
-shutdown (JAX's heartbeat and shutdown timeouts).
+shutdown (JAX's heartbeat and shutdown timeouts). Processes that finish
+their work minutes apart still end normally: `wait_for_all_processes`
+holds each at a barrier of its own (up to `FINISH_TIMEOUT_S`) first.
 """
 
 import os
@@ -32,6 +34,10 @@ from gunn_jax.errors import UserError
 # Seconds every process waits for all of them to connect (hosts of a pod or
 # cluster may start minutes apart).
 INITIALIZATION_TIMEOUT_S = 300
+# Seconds a process that has done its work waits for the others (which may
+# still be writing the last checkpoint or evaluation) before JAX shuts down;
+# JAX's own shutdown barrier waits only `peer_timeout_s`.
+FINISH_TIMEOUT_S = 1800
 
 
 def _from_env(value, name: str, cast=str):
@@ -94,3 +100,18 @@ def initialize(
     except ValueError:
       # Raised before anything starts when no cluster is detected.
       logging.debug('No cluster detected: running as a single process.')
+
+
+def wait_for_all_processes(barrier_id: str = 'gunn_jax_finished') -> None:
+  """Returns once every process has called this (or FINISH_TIMEOUT_S passed).
+
+  Call it when a process has done its work: JAX's shutdown barrier, which
+  comes next, then finds all processes there at once.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # No public barrier.
+
+  jax_distributed.global_state.client.wait_at_barrier(
+    barrier_id, FINISH_TIMEOUT_S * 1000
+  )

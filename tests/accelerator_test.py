@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import helpers
 import pytest
 
 from benchmarks import accelerator
@@ -76,11 +77,10 @@ def test_quick_check_runs_without_tensorflow_clu_or_ml_collections(tmp_path):
       os.environ,
       PYTHONPATH=REPO_ROOT,
       JAX_PLATFORMS='cpu',
-      JAX_DISABLE_MOST_OPTIMIZATIONS='1',
     ),
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=helpers.TIMEOUT_S,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   records = json.loads(path.read_text())

@@ -87,7 +87,6 @@ def test_summarise_by_part_and_operation():
   ]
 
 
-@pytest.mark.usefixtures('fast_compile')
 def test_profile_attributes_time_to_parts_and_operations(capsys):
   result = profile.main(
     ['--model=gunn_tiny', '--image_size=16', '--batch_size=4', '--top=5']
@@ -107,7 +106,6 @@ def test_profile_attributes_time_to_parts_and_operations(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures('fast_compile')
 def test_tiny_run_writes_json(tmp_path, capsys):
   path = tmp_path / 'out.json'
   returned = run.main(

@@ -3,6 +3,7 @@
 * The repository root goes on `sys.path` (for `configs` and `main`).
 * Every test starts without the `--config.KEY` flags of earlier in-process
   `main.main` runs (`helpers.drop_config_override_flags`).
+* Most XLA optimisations are off (`optimized_compile` turns them on).
 * XLA's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`, by default
   in the system's temp dir) is shared by this process and the `main.py`
   subprocesses that tests start, for programs of any compile time: on 2 CPU
@@ -39,6 +40,14 @@ jax.config.update(
   'jax_persistent_cache_min_compile_time_secs',
   float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']),
 )
+# Most XLA optimisations are off, here and in every subprocess a test starts
+# (a tiny GUNN compiles in about half the time), so that both compile the
+# same programs and share the cache; see `optimized_compile`.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+jax.config.update(
+  'jax_disable_most_optimizations',
+  os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] == '1',
+)
 
 
 @pytest.fixture(autouse=True)
@@ -47,15 +56,16 @@ def _no_config_override_flags():
 
 
 @pytest.fixture(scope='module')
-def fast_compile():
-  """Compiles with most XLA optimisations off (minutes saved on 2 cores).
+def optimized_compile():
+  """Compiles with XLA's optimisations on, as `main.py` runs by default.
 
-  Subprocesses that must match this process bit for bit get the same
-  setting through `JAX_DISABLE_MOST_OPTIMIZATIONS=1`.
+  For modules that test what the optimising compiler does (fused
+  reductions, buffer reuse).
   """
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
+  previous = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', False)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
 
 
 @pytest.fixture

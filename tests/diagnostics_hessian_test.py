@@ -7,8 +7,6 @@ import pytest
 
 from gunn_jax.diagnostics import hessian
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
-
 
 def quadratic_problem(eigenvalues, seed=0):
   n = len(eigenvalues)

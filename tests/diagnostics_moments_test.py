@@ -9,8 +9,6 @@ from gunn_jax import models
 from gunn_jax.diagnostics import moments as moments_lib
 from gunn_jax.errors import UserError
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
-
 
 def test_moments_equal_numpy_over_masked_batches_and_crops():
   model = models.create_model('gunn_tiny', 10)

@@ -9,8 +9,6 @@ from gunn_jax import models
 from gunn_jax.diagnostics import statistics
 from gunn_jax.diagnostics.moments import Layer
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
-
 
 def covariance_of(columns):
   return np.cov(np.stack(columns, 1), rowvar=False)

@@ -12,8 +12,6 @@ from configs import tiny
 from gunn_jax import diagnostics, metric_io, models, tools, train
 from gunn_jax.errors import UserError
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
-
 
 def tiny_model_and_variables():
   model = models.create_model('gunn_tiny', 10)

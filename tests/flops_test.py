@@ -7,8 +7,6 @@ import pytest
 
 from gunn_jax import flops, models
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
-
 
 def xla_flops(model, image_shape):
   """XLA's count for the compiled evaluation-mode forward of one image."""

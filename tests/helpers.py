@@ -16,6 +16,10 @@ import main
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO_ROOT / 'configs' / 'tiny.py')
 COLOURS = ('blue', 'green', 'red')
+# Seconds a subprocess (or a notebook cell) may take before its test fails,
+# naming the command. Generous: a test's verdict must not depend on how busy
+# the machine is; a hang still ends long before CI's own limit.
+TIMEOUT_S = 1800
 
 
 def drop_config_override_flags() -> None:

@@ -32,7 +32,6 @@ from gunn_jax import (
 )
 from gunn_jax.errors import UserError
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
 NUM_VAL = 3  # Validation images per class.
 
 

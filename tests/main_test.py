@@ -9,8 +9,6 @@ import helpers
 import pytest
 from helpers import REPO_ROOT, TINY
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
-
 
 def run_main(workdir, *args):
   """`main.py --config=configs/tiny.py --workdir=WORKDIR ARGS...`."""
@@ -81,6 +79,7 @@ def test_eval_mode_without_a_run(tmp_path, capsys):
   assert error.startswith(f'error: No config.json in {tmp_path}')
 
 
+@pytest.mark.slow
 def test_process_prints_one_line_and_no_traceback(tmp_path):
   """A real process on 8 CPU devices with a batch that does not divide."""
   env = dict(
@@ -100,7 +99,7 @@ def test_process_prints_one_line_and_no_traceback(tmp_path):
     cwd=REPO_ROOT,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=helpers.TIMEOUT_S,
   )
   assert result.returncode == 2
   assert 'Traceback' not in result.stderr

@@ -7,11 +7,14 @@ Driven by environment variables, so library code stays free of test hooks:
     exist (one host with a broken data mount).
   GUNN_TEST_KILL_AT_STEP=k: process 0 kills itself (SIGKILL) once the
     checkpoint of step k is written (a lost host).
+  GUNN_TEST_FINISH_LATE_S=s: process 1 returns from training s seconds
+    after it finished (a slow last checkpoint or evaluation on one host).
 """
 
 import os
 import signal
 import sys
+import time
 
 import jax
 import numpy as np
@@ -20,23 +23,39 @@ from absl import app
 import main
 from gunn_jax import checkpointing, train
 
-_train_and_evaluate = train.train_and_evaluate
 _save = checkpointing.save
 
 
-def _train_and_dump(config, workdir, *args):
-  state = _train_and_evaluate(config, workdir, *args)
-  leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
-  np.savez(
-    os.path.join(
-      os.environ['GUNN_TEST_DUMP_DIR'], f'params_{jax.process_index()}.npz'
-    ),
-    **{
-      jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
-      for path, leaf in leaves
-    },
-  )
-  return state
+def _dumping(train_fn):
+  """`train_fn` that then saves this process's replica of the parameters."""
+
+  def train_and_dump(config, workdir, *args):
+    state = train_fn(config, workdir, *args)
+    leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    np.savez(
+      os.path.join(
+        os.environ['GUNN_TEST_DUMP_DIR'], f'params_{jax.process_index()}.npz'
+      ),
+      **{
+        jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
+        for path, leaf in leaves
+      },
+    )
+    return state
+
+  return train_and_dump
+
+
+def _finishing_late(train_fn, seconds: float):
+  """`train_fn` that returns `seconds` late on process 1."""
+
+  def train_and_finish_late(config, workdir, *args):
+    state = train_fn(config, workdir, *args)
+    if jax.process_index() == 1:
+      time.sleep(seconds)
+    return state
+
+  return train_and_finish_late
 
 
 def _save_then_die(manager, step, *args, **kwargs):
@@ -48,8 +67,13 @@ def _save_then_die(manager, step, *args, **kwargs):
 
 
 if __name__ == '__main__':
+  train_fn = train.train_and_evaluate
+  if 'GUNN_TEST_FINISH_LATE_S' in os.environ:
+    seconds = float(os.environ['GUNN_TEST_FINISH_LATE_S'])
+    train_fn = _finishing_late(train_fn, seconds)
   if 'GUNN_TEST_DUMP_DIR' in os.environ:
-    train.train_and_evaluate = _train_and_dump
+    train_fn = _dumping(train_fn)
+  train.train_and_evaluate = train_fn
   if 'GUNN_TEST_KILL_AT_STEP' in os.environ:
     checkpointing.save = _save_then_die
   bad = os.environ.get('GUNN_TEST_BAD_DATA_PROCESS')

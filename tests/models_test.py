@@ -212,6 +212,8 @@ def training_temp_bytes(name, batch_size):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures('optimized_compile')  # Buffers as main.py assigns.
 def test_gunn15_trains_in_the_memory_of_sunn15():
   # Algorithm 1 (section 3.4): the gradual update costs no memory over the
   # simultaneous one. Guards against XLA keeping a copy of a layer's output

@@ -8,6 +8,9 @@ import pytest
 
 from gunn_jax import normalization
 
+# The fixed order must hold where XLA fuses and re-associates reductions.
+pytestmark = pytest.mark.usefixtures('optimized_compile')
+
 
 def neighbours_first(rows):
   """The documented order, written out: 0+1, 2+3, ..., then the pairs."""

@@ -3,6 +3,7 @@
 import os
 import pathlib
 
+import helpers
 import nbclient
 import nbformat
 import pytest
@@ -19,7 +20,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   # Raises CellExecutionError, naming the cell, if any cell fails.
   nbclient.NotebookClient(
     notebook,
-    timeout=600,
+    timeout=helpers.TIMEOUT_S,
     kernel_name='python3',
     resources={'metadata': {'path': str(ROOT / 'notebooks')}},
   ).execute()

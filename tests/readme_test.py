@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 
+import helpers
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -50,14 +51,6 @@ TINY_TRAINING = [
   '--config.checkpoint_every_steps=3',
   '--config.log_every_steps=1',
 ]
-# For the subprocesses: compile with most XLA optimisations off (a few
-# steps of a tiny model), and cache every compilation in the suite's cache
-# (JAX_COMPILATION_CACHE_DIR, set by conftest.py), however quick or small.
-FAST_COMPILE = {
-  'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',
-  'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-  'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
-}
 
 
 def block_commands(pages=PAGES):
@@ -159,7 +152,8 @@ def test_short_commands_run_in_order(tmp_path):
   for name in ('main.py', 'configs', 'gunn_jax'):
     (tmp_path / name).symlink_to(ROOT / name)
   (tmp_path / 'runs').mkdir()
-  env = dict(os.environ, PYTHONPATH=str(ROOT), **FAST_COMPILE)
+  # Compiled as the tests' own programs are (tests/conftest.py).
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
   commands = [c for c in block_commands() if runnable(c)]
   assert len(commands) >= 15
   assert 'configs/quickstart.py' in commands[0]
@@ -175,7 +169,12 @@ def test_short_commands_run_in_order(tmp_path):
     elif command.startswith('python main.py'):
       argv += TINY_MODEL + TINY_TRAINING
     result = subprocess.run(
-      argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+      argv,
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=helpers.TIMEOUT_S,
     )
     assert result.returncode == 0, f'{command}\n{result.stderr[-3000:]}'
   assert (tmp_path / 'runs' / 'features.npy').exists()
@@ -205,7 +204,7 @@ def test_python_snippets_run(snippet):
     env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu'),
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=helpers.TIMEOUT_S,
   )
   assert result.returncode == 0, result.stderr[-3000:]
 

@@ -41,6 +41,7 @@ def folder_run(tmp_path_factory):
   return {'root': root, 'workdir': workdir}
 
 
+@pytest.mark.slow
 def test_eval_needs_no_training_overrides(folder_run):
   """`main.py --mode=eval --workdir=RUN`: no --config, no overrides.
 
@@ -52,7 +53,7 @@ def test_eval_needs_no_training_overrides(folder_run):
     cwd=REPO_ROOT,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=helpers.TIMEOUT_S,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   printed = json.loads(result.stdout.strip().splitlines()[-1])
@@ -178,6 +179,7 @@ def test_folder_paths_are_saved_absolute(tmp_path, monkeypatch):
   assert saved.dataset == f'folder:{tmp_path / "home" / "images"}'
 
 
+@pytest.mark.slow
 def test_console_is_readable(tmp_path):
   """The real command: header first, progress with ETA, none of the noise."""
   workdir = tmp_path / 'run'
@@ -193,7 +195,7 @@ def test_console_is_readable(tmp_path):
     cwd=REPO_ROOT,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=helpers.TIMEOUT_S,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [line.split(' ', 1)[1] for line in result.stderr.splitlines()]
@@ -228,7 +230,7 @@ def test_console_is_readable(tmp_path):
     cwd=REPO_ROOT,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=helpers.TIMEOUT_S,
   )
   assert verbose.returncode == 0
   # Other libraries' INFO lines (TensorFlow's oneDNN banner only shows on

@@ -12,8 +12,6 @@ import pytest
 from configs import base
 from gunn_jax import models, optimization, steps
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
-
 
 @functools.cache
 def one_step(name, options):

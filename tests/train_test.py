@@ -24,7 +24,6 @@ from gunn_jax import (
 )
 from gunn_jax.errors import UserError
 
-pytestmark = pytest.mark.usefixtures('fast_compile')
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -379,7 +378,6 @@ _FLAGS_OF_120_STEPS = (
 def _subprocess_env(num_devices=1):
   env = dict(
     os.environ,
-    JAX_DISABLE_MOST_OPTIMIZATIONS='1',
     JAX_PLATFORMS='cpu',
     PYTHONPATH=REPO_ROOT,
   )

@@ -1,9 +1,9 @@
 """The wiring between train.py's parts, each test failing if a wire is cut.
 
-The schedule reaches the optimiser's update; a step stores the running
-statistics that evaluation then uses; bfloat16 activations give float32's
-gradients; the real input pipeline pairs images with their labels (a short
-digits run learns).
+The schedule and the optimiser's settings reach each update; a step stores
+the running statistics that evaluation then uses; bfloat16 activations give
+float32's gradients; the real input pipeline pairs images with their labels
+(a short digits run learns). `recipe_test.py` checks the rest of the recipe.
 """
 
 import jax
@@ -14,8 +14,6 @@ import pytest
 
 from configs import quickstart, tiny
 from gunn_jax import metric_io, sharding, train
-
-pytestmark = pytest.mark.usefixtures('fast_compile')
 
 
 def tiny_config(**overrides):
@@ -39,12 +37,16 @@ def random_batch(experiment, batch_size=16, seed=0):
 gradients = jax.jit(train.compute_gradients)
 
 
-def test_each_update_uses_the_scheduled_learning_rate():
-  """Plain SGD, so an update is -lr * gradient; x0.1 from update 3 on."""
+def test_each_update_is_torch_sgd_at_the_scheduled_learning_rate():
+  """Momentum, Nesterov and weight decay unlike the defaults (0.9, True,
+  1e-4), each update -lr * direction of torch.optim.SGD; x0.1 from update 3.
+  """
   # 1,442 training digits at batch 16: the boundary falls on step 3.
+  momentum, weight_decay = 0.5, 0.01
   config = tiny_config(
-    momentum=0.0,
-    weight_decay=0.0,
+    momentum=momentum,
+    nesterov=False,
+    weight_decay=weight_decay,
     lr_boundaries_epochs=(3 * 16 / 1442,),
     lr_scales=(0.1,),
   )
@@ -54,17 +56,24 @@ def test_each_update_uses_the_scheduled_learning_rate():
   assert float(lr_fn(3)) == pytest.approx(0.005)
   state = experiment.create_state(config.seed)
   batch = random_batch(experiment)
+  buffers = jax.tree.map(np.zeros_like, jax.device_get(state.params))
   for count in range(5):  # The optimiser has made `count` updates.
     grads, _ = gradients(state, batch)
     before = jax.device_get(state.params)
     state, _ = experiment.train_step(state, batch)
     deltas = jax.tree.map(np.subtract, before, jax.device_get(state.params))
-    grads = jax.device_get(grads)
-    # The learning rate that best explains the update, over all leaves.
-    used = sum(
-      np.vdot(d, g) for d, g in zip(*map(jax.tree.leaves, (deltas, grads)))
-    ) / sum(np.vdot(g, g) for g in jax.tree.leaves(grads))
+    # torch.optim.SGD(nesterov=False): the coupled L2 term joins the
+    # gradient, the momentum buffer is the direction.
+    decayed = jax.tree.map(
+      lambda g, p: g + weight_decay * p, jax.device_get(grads), before
+    )
+    buffers = jax.tree.map(lambda b, d: momentum * b + d, buffers, decayed)
+    delta, direction = flat(deltas), flat(buffers)
+    # The learning rate that best explains the update, and what it leaves.
+    used = np.vdot(delta, direction) / np.vdot(direction, direction)
     assert used == pytest.approx(float(lr_fn(count)), rel=1e-3), count
+    residual = np.linalg.norm(delta - used * direction)
+    assert residual < 1e-3 * np.linalg.norm(delta), count
 
 
 def test_a_step_stores_the_running_statistics_that_evaluation_uses():
