@@ -510,7 +510,8 @@ class _Loop:
     self._writer, self._manager = writer, manager
     self._eval_iterable = input_pipeline.create_eval_iterable(config)
     num_steps = experiment.num_train_steps
-    self._interval = _Interval(0, manager.latest_step())
+    last_checkpoint = manager.latest_step()
+    self._interval = _Interval((last_checkpoint or 0) + 1, last_checkpoint)
     self.progress = console.Progress(
       num_steps=num_steps,
       steps_per_epoch=_steps_per_epoch(config, experiment),
@@ -539,7 +540,6 @@ class _Loop:
 
   def run(self, state: TrainState, preemption) -> TrainState:
     initial_step = int(state.step)
-    self._interval = _Interval(initial_step + 1, self._manager.latest_step())
     batches = sharding.global_batches(
       input_pipeline.create_train_iterator(
         self._config, start_step=initial_step
