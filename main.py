@@ -90,7 +90,6 @@ def main(argv):
         _eval_config(), _WORKDIR.value, _CHECKPOINT.value
       )
       print(json.dumps({'checkpoint': _CHECKPOINT.value, **results}))
-    distributed.wait_for_all_processes()
   except UserError as e:
     print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
     sys.exit(2)
