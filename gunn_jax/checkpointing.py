@@ -3,11 +3,18 @@
 One `CheckpointManager` keeps the `keep` most recent checkpoints plus the one
 with the lowest evaluation top-1 error and, for snapshot ensembles, the
 snapshot at the end of each learning-rate cycle. `initialize_from` starts a
-fine-tuning run from another run's weights. Orbax writes each checkpoint into a
-temporary directory and renames it when complete, so a process killed while
-saving leaves only a temporary directory, which `latest_step` ignores and the
-next manager deletes. On pods, `workdir` must be storage every host can see
-(e.g. `gs://...`); orbax coordinates the hosts' writes.
+fine-tuning run from another run's weights. On pods, `workdir` must be storage
+every host can see (e.g. `gs://...`); orbax coordinates the hosts' writes.
+
+A checkpoint is finished when orbax has written its commit marker
+(`commit_success.txt`, the last file of every save, on every filesystem). On
+local disks orbax writes into a temporary directory and renames it when
+complete; on object stores (`gs://`) it writes straight into the step
+directory, so a host that dies mid-save leaves a step directory without the
+marker. Such a directory is not a checkpoint: every reader here (resume, the
+config-change check, evaluation, the tools) skips it with one warning line
+and uses the last finished step, and a training run moves it aside to
+`<step>.unfinished` before it saves again.
 """
 
 import os
@@ -26,6 +33,8 @@ from gunn_jax.errors import UserError
 
 # The metric that ranks checkpoints for `which='best'`.
 BEST_METRIC = 'top1_error'
+# Orbax's last file of a save: a step directory without it is unfinished.
+COMMIT_MARKER = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
 
 
 # Orbax warnings about what this module does on purpose: saves between
@@ -48,21 +57,54 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / 'checkpoints'
 
 
-def latest_step(workdir: str) -> int | None:
-  """The step of the latest complete checkpoint in `workdir`, or None.
-
-  Read from the directory names (orbax names a checkpoint by its step once it
-  is complete), without a manager: opening one is a collective operation in
-  multi-process runs, which processes reaching this at different times
-  would mismatch.
-  """
-  directory = checkpoint_dir(workdir)
+def _step_directories(directory: epath.Path) -> tuple[list, list]:
+  """(finished, unfinished) step-named directories, by increasing step."""
   if not directory.exists():
-    return None
-  return max(
-    (int(path.name) for path in directory.iterdir() if path.name.isdigit()),
-    default=None,
+    return [], []
+  steps = sorted(
+    (path for path in directory.iterdir() if path.name.isdigit()),
+    key=lambda path: int(path.name),
   )
+  finished = [path for path in steps if (path / COMMIT_MARKER).exists()]
+  return finished, [path for path in steps if path not in finished]
+
+
+def _warn_unfinished(unfinished: list, action: str) -> None:
+  for path in unfinished:
+    logging.warning(
+      'Checkpoint directory %s has no %s (a save that did not finish): %s.',
+      path,
+      COMMIT_MARKER,
+      action,
+    )
+
+
+def latest_step(workdir: str) -> int | None:
+  """The step of the latest finished checkpoint in `workdir`, or None.
+
+  Read from the directories, without a manager: opening one is a collective
+  operation in multi-process runs, which processes reaching this at
+  different times would mismatch.
+  """
+  finished, unfinished = _step_directories(checkpoint_dir(workdir))
+  _warn_unfinished(unfinished, 'skipped')
+  return int(finished[-1].name) if finished else None
+
+
+def _move_unfinished_aside(directory: epath.Path) -> None:
+  """Renames unfinished step directories to `<step>.unfinished[.k]`, so that
+  a new save of that step can be written (process 0 only)."""
+  _, unfinished = _step_directories(directory)
+  if jax.process_index() != 0 or not unfinished:
+    return
+  _warn_unfinished(unfinished, 'moved aside to <step>.unfinished')
+  for path in unfinished:
+    target = path.parent / f'{path.name}.unfinished'
+    suffix = 0
+    while target.exists():
+      suffix += 1
+      target = path.parent / f'{path.name}.unfinished.{suffix}'
+    path.rename(target)
 
 
 def ensure_writable(workdir: str) -> None:
@@ -107,6 +149,11 @@ def create_manager(
     save_every_steps: save intervals in steps (checkpoints, evaluations).
     save_steps: further steps to save (the last step).
   """
+  directory = checkpoint_dir(workdir)
+  if read_only:
+    _warn_unfinished(_step_directories(directory)[1], 'skipped')
+  else:
+    _move_unfinished_aside(directory)
   preservation_policy = ocp.checkpoint_managers.AnyPreservationPolicy(
     [
       ocp.checkpoint_managers.LatestN(n=keep),
@@ -135,9 +182,13 @@ def create_manager(
     cleanup_tmp_directories=not read_only,
     create=not read_only,
     read_only=read_only,
+    # Steps are listed by their commit marker, on every filesystem.
+    step_name_format=ocp.step.standard_name_format(
+      temporary_path_cls=ocp.path.atomicity.CommitFileTemporaryPath
+    ),
   )
   return ocp.CheckpointManager(
-    checkpoint_dir(workdir),
+    directory,
     options=options,
     # Named so that `item_metadata` works before any save or restore.
     item_handlers=ocp.StandardCheckpointHandler(),

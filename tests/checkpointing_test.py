@@ -1,5 +1,6 @@
 """Which checkpoints the manager keeps, with made-up evaluation metrics."""
 
+import helpers
 import jax.numpy as jnp
 import pytest
 
@@ -58,8 +59,45 @@ def test_select_step(tmp_path):
     manager.close()
 
 
-def test_latest_step_reads_complete_checkpoints_only(tmp_path):
+def test_latest_step_reads_finished_checkpoints_only(tmp_path, caplog):
   assert checkpointing.latest_step(str(tmp_path)) is None
+  directory = checkpointing.checkpoint_dir(str(tmp_path))
   for name in ('2', '4', '6.orbax-checkpoint-tmp-1795750000', 'notes'):
-    (checkpointing.checkpoint_dir(str(tmp_path)) / name).mkdir(parents=True)
+    (directory / name).mkdir(parents=True)
+  for name in ('2', '4'):
+    (directory / name / checkpointing.COMMIT_MARKER).write_text('')
+  helpers.half_write(tmp_path, 8)
   assert checkpointing.latest_step(str(tmp_path)) == 4
+  assert 'has no commit_success.txt' in caplog.text
+  assert str(directory / '8') in caplog.text
+
+
+def test_unfinished_step_is_skipped_then_moved_aside(tmp_path):
+  save_all(tmp_path, [30.0, 10.0], 2)
+  helpers.half_write(tmp_path, 3)
+  manager = checkpointing.create_manager(str(tmp_path), read_only=True)
+  try:
+    assert list(manager.all_steps()) == [1, 2]
+    assert checkpointing.select_step(manager, 'latest') == 2
+  finally:
+    manager.close()
+  directory = checkpointing.checkpoint_dir(str(tmp_path))
+  assert (directory / '3').exists()  # Readers leave it alone.
+  # A training run moves it aside and can save step 3 again.
+  helpers.half_write(tmp_path, 4)
+  (directory / '3.unfinished').mkdir()
+  manager = checkpointing.create_manager(str(tmp_path), 3)
+  try:
+    checkpointing.save(manager, 3, {'w': jnp.full(2, 3)})
+    manager.wait_until_finished()
+    assert list(manager.all_steps()) == [1, 2, 3]
+  finally:
+    manager.close()
+  assert sorted(p.name for p in directory.iterdir()) == [
+    '1',
+    '2',
+    '3',
+    '3.unfinished',
+    '3.unfinished.1',
+    '4.unfinished',
+  ]

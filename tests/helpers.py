@@ -12,6 +12,7 @@ from absl import flags
 from PIL import Image
 
 import main
+from gunn_jax import checkpointing
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO_ROOT / 'configs' / 'tiny.py')
@@ -91,3 +92,11 @@ def write_colour_folder(root, num_train: int = 8, num_val: int = 3) -> None:
         Image.fromarray(image.astype(np.uint8)).save(
           os.path.join(root, split, name, f'{i}.png')
         )
+
+
+def half_write(workdir, step):
+  """What a host killed mid-save on an object store leaves: a step directory
+  with some files and no commit marker."""
+  path = checkpointing.checkpoint_dir(str(workdir)) / str(step) / 'default'
+  path.mkdir(parents=True)
+  (path / 'manifest.ocdbt').write_text('torn')

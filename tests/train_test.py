@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,7 +237,8 @@ def test_a_few_steps_on_mock_cifar(tmp_path, mock_tfds):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """A tiny run of 4 steps, then resumed to 6 past a half-written save.
+  """A tiny run of 4 steps, then resumed to 6 past two half-written saves
+  (a local one and an object store's).
 
   Saves: 2, 3 (eval), 4 (eval, end), then 6 (eval, end); evaluations at 3,
   4 and 6 (every 3 steps and at the end of each run).
@@ -251,6 +253,7 @@ def trained(tmp_path_factory):
   os.makedirs(os.path.join(half_written, 'default'))
   with open(os.path.join(half_written, 'default', 'manifest.ocdbt'), 'w') as f:
     f.write('torn')
+  helpers.half_write(workdir, 6)
   # Extending a run changes its schedule: allowed explicitly.
   final = train.train_and_evaluate(
     tiny_config(), workdir, allow_config_change=True
@@ -296,12 +299,14 @@ def test_training_writes_metrics_and_checkpoints(trained):
 
 def test_resume_continues_from_the_latest_checkpoint(trained):
   # The records of steps 1-4 were not written again (uptimes would differ),
-  # and the half-written save was ignored and removed.
+  # the local half-written save was removed, the object store's moved aside.
   first = trained['first_records']
   assert [r for r in trained['records'] if r['step'] <= 4] == first
   assert sorted(
     os.listdir(os.path.join(trained['workdir'], 'checkpoints'))
-  ) == [str(s) for s in sorted(_steps(trained['workdir'])[0])]
+  ) == [str(s) for s in sorted(_steps(trained['workdir'])[0])] + [
+    '6.unfinished'
+  ]
 
 
 def _steps(workdir):
