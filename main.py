@@ -5,7 +5,9 @@ Rerunning a training command resumes from the latest checkpoint in workdir.
 `--config.KEY=VALUE` overrides on top (`gunn_jax/runs.py`). The console
 shows this project's lines; `--verbosity=0` (or higher) brings back every
 library's full log. A `UserError` prints one `error:` line and exits with
-status 2.
+status 2. In a multi-process run, a process that learns that another one
+stopped prints one `error:` line and exits with status 1
+(`gunn_jax/distributed.py`; README.md, "When a host fails").
 """
 
 import json
@@ -90,9 +92,17 @@ def main(argv):
         _eval_config(), _WORKDIR.value, _CHECKPOINT.value
       )
       print(json.dumps({'checkpoint': _CHECKPOINT.value, **results}))
+    distributed.mark_finished()
   except UserError as e:
     print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
     sys.exit(2)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    distributed.end_run(
+      'a computation across processes failed, most likely because another '
+      f'process stopped ({distributed.first_line(e)})'
+    )
 
 
 if __name__ == '__main__':

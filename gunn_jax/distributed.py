@@ -16,15 +16,24 @@ CPU processes exchange collectives through gloo, chosen here when
 `JAX_PLATFORMS` starts with `cpu`: the platform must be known before JAX
 starts a backend. (Unset, JAX 0.10 also picks gloo.)
 
-A process that fails or dies ends the run: the others stop once
-`peer_timeout_s` passes without its heartbeats (JAX's heartbeat timeout).
-Processes that finish their work minutes apart still end normally: JAX's
-shutdown barrier, which every process enters when it exits, waits up to
-`FINISH_TIMEOUT_S` for the last one (a dead one is still found by its
-missing heartbeats).
+A process that fails or dies ends the run. Each process writes a sign of
+life into JAX's key-value store every `peer_timeout_s / 10` seconds and reads
+the others' (`_PeerWatch`); when one has been silent for `peer_timeout_s`, or
+process 0 (which holds the store) cannot be reached, every survivor prints
+one `error:` line (what stopped, and that the same command resumes) and exits
+with status 1. JAX's own heartbeat timeout, twice as long, is the backstop
+(it aborts with a C++ stack dump). Processes that finish their work minutes
+apart still end normally: `mark_finished` tells the others that this one
+stopped on purpose, and JAX's shutdown barrier, which every process enters
+when it exits, waits up to `FINISH_TIMEOUT_S` for the last one.
 """
 
+import atexit
+import faulthandler
 import os
+import sys
+import threading
+import time
 
 import jax
 from absl import logging
@@ -65,7 +74,8 @@ def initialize(
       detected cluster's.
     process_id: this process's index in [0, num_processes); default
       `$JAX_PROCESS_ID` or the detected cluster's.
-    peer_timeout_s: seconds after which a silent process counts as dead.
+    peer_timeout_s: seconds after which a silent process counts as stopped,
+      which ends the run (JAX's heartbeat timeout is twice this).
 
   Raises:
     UserError: if only some of the three are given.
@@ -85,11 +95,12 @@ def initialize(
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   timeouts = dict(
     initialization_timeout=INITIALIZATION_TIMEOUT_S,
-    heartbeat_timeout_seconds=peer_timeout_s,
+    heartbeat_timeout_seconds=2 * peer_timeout_s,
     shutdown_timeout_seconds=FINISH_TIMEOUT_S,
   )
   if explicit[0] is not None:
     jax.distributed.initialize(*explicit, **timeouts)
+    _watch_peers(peer_timeout_s)
   elif xla_bridge.backends_are_initialized():
     # JAX already runs (a notebook, or a test calling main() again): too
     # late to join a cluster, and an explicit request would have failed.
@@ -101,4 +112,111 @@ def initialize(
     except ValueError:
       # Raised before anything starts when no cluster is detected.
       logging.debug('No cluster detected: running as a single process.')
+    else:
+      _watch_peers(peer_timeout_s)
 
+
+def end_run(reason: str) -> None:
+  """Prints that the run stopped because of `reason`, and exits with 1.
+
+  Skips Python's exit handlers: JAX's would wait for the stopped process at
+  its shutdown barrier and then abort.
+  """
+  print(
+    f'error: process {jax.process_index()} of {jax.process_count()}: '
+    f'{reason}; the run has stopped. Run the same command on every host to '
+    'resume from the last checkpoint.',
+    file=sys.stderr,
+    flush=True,
+  )
+  sys.stdout.flush()
+  os._exit(1)
+
+
+def mark_finished() -> None:
+  """Tells the other processes that this one has finished its work (so that
+  its silence while they finish theirs is not taken for a failure)."""
+  if _watch is not None:
+    _watch.mark_finished()
+
+
+class _PeerWatch(threading.Thread):
+  """Ends this process when another one stops (see the module docstring)."""
+
+  _PREFIX = 'gunn_jax/alive/'
+  _FINISHED = 'finished'
+
+  def __init__(self, peer_timeout_s: int):
+    super().__init__(name='gunn_jax_peer_watch', daemon=True)
+    from jax._src import distributed as jax_distributed  # No public client.
+
+    self._client = jax_distributed.global_state.client
+    self._key = f'{self._PREFIX}{jax.process_index()}'
+    self._timeout = peer_timeout_s
+    self._stopping = threading.Event()
+    self._lock = threading.Lock()
+    self._beats = 0
+    self._finished = False
+
+  def mark_finished(self) -> None:
+    with self._lock:
+      self._finished = True
+      self._client.key_value_set(self._key, self._FINISHED, True)
+
+  def stop(self) -> None:
+    """Stops watching (at exit, before JAX shuts its client down)."""
+    self._stopping.set()
+    self.join()
+
+  def _beat(self) -> dict[str, str]:
+    """Writes this process's sign of life; returns everyone's."""
+    with self._lock:
+      if not self._finished:
+        self._beats += 1
+        self._client.key_value_set(self._key, str(self._beats), True)
+    return dict(self._client.key_value_dir_get(self._PREFIX))
+
+  def run(self) -> None:
+    me, count = jax.process_index(), jax.process_count()
+    last_news = dict.fromkeys(range(count), (None, time.monotonic()))
+    while not self._stopping.wait(self._timeout / 10):
+      try:
+        values = self._beat()
+      except Exception as e:  # The store's process is gone.
+        if not self._stopping.is_set():
+          end_run(f'process 0 cannot be reached ({first_line(e)})')
+        return
+      now = time.monotonic()
+      for process in range(count):
+        value = values.get(f'{self._PREFIX}{process}')
+        if value == self._FINISHED or value != last_news[process][0]:
+          last_news[process] = (value, now)
+      silent = [
+        p
+        for p, (_, since) in last_news.items()
+        if p != me and now - since > self._timeout
+      ]
+      if silent and not self._stopping.is_set():
+        end_run(
+          f'process {silent[0]} sent no sign of life for '
+          f'{self._timeout} s (stopped, or its host was lost)'
+        )
+
+
+_watch: _PeerWatch | None = None
+
+
+def _watch_peers(peer_timeout_s: int) -> None:
+  global _watch
+  if jax.process_count() > 1:
+    # A lost process 0 makes JAX abort the others at once (its client polls
+    # the service for errors); Python's fault handler would add every
+    # thread's traceback to JAX's message.
+    faulthandler.disable()
+    _watch = _PeerWatch(peer_timeout_s)
+    _watch.start()
+    atexit.register(_watch.stop)
+
+
+def first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

@@ -5,8 +5,11 @@ Driven by environment variables, so library code stays free of test hooks:
     replica) to `params_<process index>.npz` there.
   GUNN_TEST_BAD_DATA_PROCESS=i: process i trains on a folder that does not
     exist (one host with a broken data mount).
-  GUNN_TEST_KILL_AT_STEP=k: process 0 kills itself (SIGKILL) once the
-    checkpoint of step k is written (a lost host).
+  GUNN_TEST_KILL_AT_STEP=k: process GUNN_TEST_KILL_PROCESS (default 0)
+    kills itself (SIGKILL) once the checkpoint of step k is written (a lost
+    host).
+  GUNN_TEST_TERM_AT_STEP=k: process 1 sends itself SIGTERM once the
+    checkpoint of step k is written (one host preempted first).
   GUNN_TEST_FINISH_LATE_S=s: process 1 returns from training s seconds
     after it finished (a slow last checkpoint or evaluation on one host).
 """
@@ -58,12 +61,16 @@ def _finishing_late(train_fn, seconds: float):
   return train_and_finish_late
 
 
-def _save_then_die(manager, step, *args, **kwargs):
+def _save_then_signal(manager, step, *args, **kwargs):
   _save(manager, step, *args, **kwargs)
-  if step == int(os.environ['GUNN_TEST_KILL_AT_STEP']):
-    if jax.process_index() == 0:
+  kill_process = int(os.environ.get('GUNN_TEST_KILL_PROCESS', 0))
+  if os.environ.get('GUNN_TEST_KILL_AT_STEP') == str(step):
+    if jax.process_index() == kill_process:
       manager.wait_until_finished()
       os.kill(os.getpid(), signal.SIGKILL)
+  if os.environ.get('GUNN_TEST_TERM_AT_STEP') == str(step):
+    if jax.process_index() == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == '__main__':
@@ -74,8 +81,7 @@ if __name__ == '__main__':
   if 'GUNN_TEST_DUMP_DIR' in os.environ:
     train_fn = _dumping(train_fn)
   train.train_and_evaluate = train_fn
-  if 'GUNN_TEST_KILL_AT_STEP' in os.environ:
-    checkpointing.save = _save_then_die
+  checkpointing.save = _save_then_signal
   bad = os.environ.get('GUNN_TEST_BAD_DATA_PROCESS')
   if bad is not None and bad == os.environ.get('JAX_PROCESS_ID'):
     sys.argv.append('--config.dataset=folder:/nonexistent/gunn_data')
