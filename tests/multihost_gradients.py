@@ -46,37 +46,48 @@ def record_gradients() -> optax.GradientTransformation:
   )
 
 
-def first_step(model, mesh, images, labels) -> dict[str, np.ndarray]:
-  """Gradients and running averages after one step, by leaf path."""
-  replicated = sharding.replicated(mesh)
+def global_batch(mesh, images, labels) -> dict[str, jax.Array]:
+  """The global batch, each process putting its devices' share."""
   batch_sharded = sharding.batch_sharded(mesh)
-  state = jax.jit(
-    functools.partial(
-      train.create_train_state, model, record_gradients(), IMAGE_SHAPE
-    ),
-    out_shardings=replicated,
-  )(jax.random.key(0))
-  batch = {
+  return {
     key: jax.make_array_from_callback(
       value.shape, batch_sharded, lambda index, value=value: value[index]
     )
     for key, value in (('images', images), ('labels', labels))
   }
-  state, _ = jax.jit(
+
+
+def compiled_train_step(mesh):
+  replicated = sharding.replicated(mesh)
+  return jax.jit(
     train.train_step,
-    in_shardings=(replicated, batch_sharded),
+    in_shardings=(replicated, sharding.batch_sharded(mesh)),
     out_shardings=(replicated, replicated),
-  )(state, batch)
+  )
+
+
+def by_leaf_path(**trees) -> dict[str, np.ndarray]:
+  """This process's replica of each leaf, keyed by tree name + leaf path."""
   leaves = {}
-  for prefix, tree in (
-    ('grads', state.opt_state),
-    ('batch_stats', state.batch_stats),
-  ):
+  for prefix, tree in trees.items():
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
       leaves[prefix + jax.tree_util.keystr(path)] = np.asarray(
         leaf.addressable_data(0)
       )
   return leaves
+
+
+def first_step(model, mesh, images, labels) -> dict[str, np.ndarray]:
+  """Gradients and running averages after one step, by leaf path."""
+  state = jax.jit(
+    functools.partial(
+      train.create_train_state, model, record_gradients(), IMAGE_SHAPE
+    ),
+    out_shardings=sharding.replicated(mesh),
+  )(jax.random.key(0))
+  batch = global_batch(mesh, images, labels)
+  state, _ = compiled_train_step(mesh)(state, batch)
+  return by_leaf_path(grads=state.opt_state, batch_stats=state.batch_stats)
 
 
 def main(out_dir: str, mesh_sizes: list[int]) -> None:
@@ -92,6 +103,7 @@ def main(out_dir: str, mesh_sizes: list[int]) -> None:
       leaves = first_step(model, mesh, images, labels)
       if jax.process_index() == 0:
         np.savez(os.path.join(out_dir, f'{case}_{size}.npz'), **leaves)
+  distributed.mark_finished()
 
 
 if __name__ == '__main__':
