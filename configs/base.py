@@ -16,6 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.memory_efficient = True  # Algorithm-1 backprop in GUNN layers.
   config.half_precision = False  # bfloat16 activations; params stay float32.
   config.bn_group_size = 0  # Examples per BatchNorm group in training; 0 = all.
+  # BatchNorm sums: auto (fixed_order on CPU, xla on GPU/TPU)|fixed_order|xla.
+  config.bn_statistics = 'auto'
   config.conv_gradient = 'auto'  # 3x3 grads: auto (taps on CPU)|xla|taps.
   config.batch_units = 'auto'  # SUNN units: auto (vmap on GPU/TPU)|vmap|scan.
   config.scan_unroll = 1  # Unroll factor of the scans over a layer's units.

@@ -177,14 +177,19 @@ class ConvSame(nn.Module):
 
 
 def batch_norm(
-  train: bool, dtype: Dtype, name: str, group_size: int = 0
+  train: bool,
+  dtype: Dtype,
+  name: str,
+  group_size: int = 0,
+  statistics: str = 'auto',
 ) -> normalization.BatchNorm:
   """BatchNorm with Torch's settings (`docs/paper.md`, initialisation).
 
-  Torch's running-average momentum 0.1 is flax's decay 0.9. Statistics are
-  summed in a fixed order (`normalization.BatchNorm`), so they are the same
-  bits however the batch is sharded; `group_size` > 0 normalises each group
-  of that many examples on its own, as on the authors' GPUs.
+  Torch's running-average momentum 0.1 is flax's decay 0.9. `statistics`
+  'fixed_order' sums in an order that gives the same bits however the batch
+  is sharded, 'xla' uses XLA's reductions, 'auto' picks by backend
+  (`normalization.resolve_statistics`); `group_size` > 0 normalises each
+  group of that many examples on its own, as on the authors' GPUs.
   """
   return normalization.BatchNorm(
     use_running_average=not train,
@@ -193,6 +198,7 @@ def batch_norm(
     dtype=dtype,
     param_dtype=jnp.float32,
     group_size=group_size,
+    statistics=statistics,
     name=name,
   )
 
@@ -232,6 +238,7 @@ class BottleneckUnit(nn.Module):
     shortcut: whether to add the projection shortcut.
     dtype: computation dtype; parameters are float32.
     bn_group_size: examples per BatchNorm statistics group; 0 = the batch.
+    bn_statistics: BatchNorm's sums ('auto', 'fixed_order', 'xla').
     conv_gradient: the 3x3 convolutions' gradient (`ConvSame.gradient`).
   """
 
@@ -241,6 +248,7 @@ class BottleneckUnit(nn.Module):
   shortcut: bool = False
   dtype: Dtype = jnp.float32
   bn_group_size: int = 0
+  bn_statistics: str = 'auto'
   conv_gradient: str = 'auto'
 
   @nn.compact
@@ -276,7 +284,9 @@ class BottleneckUnit(nn.Module):
     return out
 
   def _batch_norm(self, train, name):
-    return batch_norm(train, self.dtype, name, self.bn_group_size)
+    return batch_norm(
+      train, self.dtype, name, self.bn_group_size, self.bn_statistics
+    )
 
   def _bottleneck_tail(self, hidden, train, prefix):
     """Everything of a bottleneck after its first 1x1 convolution."""

@@ -43,6 +43,9 @@ class GUNNNet(nn.Module):
     memory_efficient: Algorithm-1 backpropagation in the GUNN layers.
     bn_group_size: examples per BatchNorm statistics group in training (the
       authors' per-GPU share of the batch); 0 = the whole batch.
+    bn_statistics: how BatchNorm sums its statistics: 'fixed_order' (the
+      same bits on every device layout), 'xla' (XLA's reductions) or 'auto'
+      (fixed order on CPU, XLA's on GPU and TPU; `normalization`).
     dtype: activation dtype (bfloat16 on TPU/GPU); parameters and BatchNorm
       statistics stay float32, logits are float32.
     conv_gradient: 'auto', 'xla' or 'taps': how the units' 3x3
@@ -65,6 +68,7 @@ class GUNNNet(nn.Module):
   residual: bool = True
   memory_efficient: bool = True
   bn_group_size: int = 0
+  bn_statistics: str = 'auto'
   dtype: Dtype = jnp.float32
   conv_gradient: str = 'auto'
   batch_units: bool | None = None
@@ -89,7 +93,11 @@ class GUNNNet(nn.Module):
     if len(self.widths) != len(self.segments):
       raise ValueError('GUNNNet: widths and segments differ in length.')
     norm = functools.partial(
-      layers.batch_norm, train, self.dtype, group_size=self.bn_group_size
+      layers.batch_norm,
+      train,
+      self.dtype,
+      group_size=self.bn_group_size,
+      statistics=self.bn_statistics,
     )
     conv = functools.partial(
       nn.Conv,
@@ -130,6 +138,7 @@ class GUNNNet(nn.Module):
         shortcut=self.shortcut,
         dtype=self.dtype,
         bn_group_size=self.bn_group_size,
+        bn_statistics=self.bn_statistics,
         conv_gradient=self.conv_gradient,
       )
       x = layers.GUNNLayer(

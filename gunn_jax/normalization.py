@@ -20,6 +20,14 @@ and many processes. The tree's lower levels pair examples of one device;
 only its last log2(devices) levels cross devices, on [devices, 2C] arrays.
 `docs/multihost.md` has the measurements. Optionally, groups of examples are
 normalised on their own, as on the authors' GPUs (`docs/paper.md`).
+
+That order costs several small kernels per BatchNorm and a chain of
+cross-device steps, where XLA's own fused reduction and one all-reduce would
+do. `statistics='xla'` computes the same moments with `jnp.mean`, as
+`flax.linen.BatchNorm` does (equal up to rounding, tested in float64);
+`'auto'` (`resolve_statistics`) keeps the fixed order on CPU, where the
+tests and the multi-process checks need layout-independent bits, and uses
+XLA's reductions on GPU and TPU.
 """
 
 from typing import Any
@@ -30,6 +38,22 @@ import jax.numpy as jnp
 from jax import lax
 
 Dtype = Any
+STATISTICS = ('auto', 'fixed_order', 'xla')
+
+
+def resolve_statistics(statistics: str) -> str:
+  """'fixed_order' or 'xla' for `statistics` ('auto': by backend, above).
+
+  Raises:
+    ValueError: for a name not in `STATISTICS`.
+  """
+  if statistics not in STATISTICS:
+    raise ValueError(
+      f'BatchNorm statistics must be one of {STATISTICS}, got {statistics!r}.'
+    )
+  if statistics == 'auto':
+    return 'fixed_order' if jax.default_backend() == 'cpu' else 'xla'
+  return statistics
 
 
 def pairwise_sum(values: jax.Array, axis: int) -> jax.Array:
@@ -102,19 +126,22 @@ def _sums_over_positions_jvp(primals, tangents):
 
 
 def batch_moments(
-  x: jax.Array, group_size: int = 0
+  x: jax.Array, group_size: int = 0, statistics: str = 'fixed_order'
 ) -> tuple[jax.Array, jax.Array]:
   """Mean and biased variance per channel of each group of examples.
 
-  Each example's positions are summed by `_sums_over_positions`, then the
-  examples of each group by `pairwise_sum`, whose lower levels add examples
-  of one device, so only its last log2(devices) levels exchange [devices,
-  2C] rows (none when every device holds whole groups).
+  'fixed_order': each example's positions are summed by
+  `_sums_over_positions`, then the examples of each group by
+  `pairwise_sum`, whose lower levels add examples of one device, so only its
+  last log2(devices) levels exchange [devices, 2C] rows (none when every
+  device holds whole groups). 'xla': `jnp.mean` over each group's examples
+  and positions, in the order XLA picks ('auto': `resolve_statistics`).
 
   Args:
     x: [B, ..., C]; statistics are over every axis but the last, per group
       of `group_size` consecutive examples. Computed in at least float32.
     group_size: examples per group, dividing B; 0 means one group of B.
+    statistics: 'fixed_order', 'xla' or 'auto'.
 
   Returns:
     (mean, var), each [G, C] for G = B / group_size groups; var = E[x^2] -
@@ -130,9 +157,14 @@ def batch_moments(
       f'BatchNorm groups of {group_size} do not divide a batch of {batch}.'
     )
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  sums = _sums_over_positions(x).reshape(batch // group_size, group_size, -1)
-  count = group_size * (x.size // (batch * x.shape[-1]))
-  mean, mean_sq = jnp.split(pairwise_sum(sums, axis=1) / count, 2, axis=-1)
+  if resolve_statistics(statistics) == 'xla':
+    grouped = x.reshape(batch // group_size, -1, x.shape[-1])
+    mean = jnp.mean(grouped, axis=1)
+    mean_sq = jnp.mean(lax.square(grouped), axis=1)
+  else:
+    sums = _sums_over_positions(x).reshape(batch // group_size, group_size, -1)
+    count = group_size * (x.size // (batch * x.shape[-1]))
+    mean, mean_sq = jnp.split(pairwise_sum(sums, axis=1) / count, 2, axis=-1)
   return mean, jnp.maximum(0.0, mean_sq - mean * mean)
 
 
@@ -155,6 +187,8 @@ class BatchNorm(nn.Module):
     dtype: dtype of the output; statistics are at least float32.
     param_dtype: dtype of scale and bias.
     group_size: examples per statistics group in training; 0 = the batch.
+    statistics: how batch statistics are summed: 'fixed_order', 'xla' or
+      'auto' (`batch_moments`).
   """
 
   use_running_average: bool
@@ -163,6 +197,7 @@ class BatchNorm(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   group_size: int = 0
+  statistics: str = 'fixed_order'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -177,13 +212,16 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       mean, var = ra_mean.value[None], ra_var.value[None]
     else:
-      mean, var = batch_moments(x, self.group_size)  # [G, C] each.
+      # [G, C] each.
+      mean, var = batch_moments(x, self.group_size, self.statistics)
       if not self.is_initializing():
         groups = mean.shape[0]
+        fixed = resolve_statistics(self.statistics) == 'fixed_order'
+        total = pairwise_sum if fixed else jnp.sum
         for average, value in ((ra_mean, mean), (ra_var, var)):
           average.value = self.momentum * average.value + (
             1 - self.momentum
-          ) * (pairwise_sum(value, axis=0) / groups)
+          ) * (total(value, axis=0) / groups)
     scale = self.param(
       'scale', nn.initializers.ones, features, self.param_dtype
     )

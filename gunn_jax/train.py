@@ -34,6 +34,7 @@ from gunn_jax import (
   input_pipeline,
   metric_io,
   models,
+  normalization,
   optimization,
   runs,
   sharding,
@@ -71,6 +72,12 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
       f'config.batch_units must be one of {sorted(BATCH_UNITS)}, '
       f'got {batch_units!r}.'
     )
+  bn_statistics = config.get('bn_statistics', 'auto')
+  if bn_statistics not in normalization.STATISTICS:
+    raise UserError(
+      f'config.bn_statistics must be one of {list(normalization.STATISTICS)}'
+      f', got {bn_statistics!r}.'
+    )
   try:
     return models.create_model(
       config.model,
@@ -79,6 +86,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
       memory_efficient=config.memory_efficient,
       # Runs saved before these keys existed used their defaults.
       bn_group_size=config.get('bn_group_size', 0),
+      bn_statistics=bn_statistics,
       conv_gradient=config.get('conv_gradient', 'auto'),
       batch_units=BATCH_UNITS[batch_units],
       scan_unroll=config.get('scan_unroll', 1),

@@ -25,6 +25,7 @@ def make_layer(
   bn_group_size=0,
   conv_gradient='auto',
   scan_unroll=1,
+  bn_statistics='auto',
 ):
   unit_cls = functools.partial(
     layers.BottleneckUnit,
@@ -34,6 +35,7 @@ def make_layer(
     shortcut=True,
     dtype=dtype,
     bn_group_size=bn_group_size,
+    bn_statistics=bn_statistics,
     conv_gradient=conv_gradient,
   )
   return layers.GUNNLayer(
@@ -360,6 +362,29 @@ def test_layer_options_keep_values_and_gradients(
         lambda y: jnp.sum((y - target) ** 3),
       )
       for gradient, unroll in (('taps', 1), (conv_gradient, scan_unroll))
+    ]
+    jax.tree.map(
+      functools.partial(np.testing.assert_allclose, rtol=1e-10, atol=1e-12),
+      *results,
+    )
+
+
+@pytest.mark.parametrize('mode', ['gradual', 'simultaneous'])
+@pytest.mark.parametrize('bn_group_size', [0, 2])
+def test_xla_batch_statistics_keep_values_and_gradients(mode, bn_group_size):
+  """BatchNorm by XLA's reductions (the GPU/TPU default) against the fixed
+  order, inside layers with Algorithm 1 (float64): outputs, running averages
+  and gradients."""
+  with jax.enable_x64(True):
+    x = normal((4, 5, 5, CHANNELS))
+    target = normal(x.shape, seed=3)
+    results = [
+      train_mode_gradients(
+        make_layer(mode, bn_group_size=bn_group_size, bn_statistics=statistics),
+        x,
+        lambda y: jnp.sum((y - target) ** 3),
+      )
+      for statistics in ('fixed_order', 'xla')
     ]
     jax.tree.map(
       functools.partial(np.testing.assert_allclose, rtol=1e-10, atol=1e-12),

@@ -1,5 +1,7 @@
 """Tests of the fixed-order BatchNorm (gunn_jax/normalization.py)."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,20 +57,24 @@ def test_an_examples_sums_do_not_depend_on_the_batch(shape):
     np.testing.assert_array_equal(whole, jnp.concatenate(pieces))
 
 
-def test_batch_moments_and_their_gradient():
+@pytest.mark.parametrize('statistics', ['fixed_order', 'xla'])
+def test_batch_moments_and_their_gradient(statistics):
+  moments = functools.partial(
+    normalization.batch_moments, statistics=statistics
+  )
   with jax.enable_x64(True):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 3, 5, 4)))
-    mean, var = normalization.batch_moments(x)
+    mean, var = moments(x)
     np.testing.assert_allclose(mean, np.mean(x, (0, 1, 2))[None], rtol=1e-12)
     np.testing.assert_allclose(var, np.var(x, (0, 1, 2))[None], rtol=1e-12)
-    mean, var = normalization.batch_moments(x, group_size=2)
+    mean, var = moments(x, group_size=2)
     groups = np.asarray(x).reshape(3, 2, 3, 5, 4)
     np.testing.assert_allclose(mean, np.mean(groups, (1, 2, 3)), rtol=1e-12)
     np.testing.assert_allclose(var, np.var(groups, (1, 2, 3)), rtol=1e-12)
     weights = jnp.arange(4.0)
 
     def loss(x):
-      return jnp.sum(weights * jnp.sqrt(normalization.batch_moments(x)[1][0]))
+      return jnp.sum(weights * jnp.sqrt(moments(x)[1][0]))
 
     def reference(x):
       return jnp.sum(weights * jnp.std(x, (0, 1, 2)))
@@ -78,13 +84,16 @@ def test_batch_moments_and_their_gradient():
     )
 
 
+@pytest.mark.parametrize('statistics', ['fixed_order', 'xla'])
 @pytest.mark.parametrize('train', [True, False])
-def test_batch_norm_equals_flax_batch_norm(train):
+def test_batch_norm_equals_flax_batch_norm(train, statistics):
   """Same variables, outputs, running averages and gradients (float64)."""
   kwargs = dict(
     use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=None
   )
-  ours = normalization.BatchNorm(**{**kwargs, 'dtype': jnp.float64})
+  ours = normalization.BatchNorm(
+    **{**kwargs, 'dtype': jnp.float64}, statistics=statistics
+  )
   flax_bn = nn.BatchNorm(**kwargs, param_dtype=jnp.float64)
   with jax.enable_x64(True):
     x = jnp.asarray(2 + np.random.default_rng(2).normal(size=(8, 3, 3, 5)))
@@ -147,13 +156,17 @@ def group_reference(x, variables, group_size, momentum=0.9, epsilon=1e-5):
   }
 
 
+@pytest.mark.parametrize('statistics', ['fixed_order', 'xla'])
 @pytest.mark.parametrize('group_size', [1, 2, 3])
-def test_groups_are_normalised_on_their_own(group_size):
+def test_groups_are_normalised_on_their_own(group_size, statistics):
   with jax.enable_x64(True):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(6, 3, 2, 4)) * rng.uniform(1, 3, (6, 1, 1, 1))
     bn = normalization.BatchNorm(
-      use_running_average=False, dtype=jnp.float64, group_size=group_size
+      use_running_average=False,
+      dtype=jnp.float64,
+      group_size=group_size,
+      statistics=statistics,
     )
     variables = jax.tree.map(
       lambda v: v + rng.uniform(size=v.shape),
@@ -178,6 +191,19 @@ def test_one_group_of_the_whole_batch_is_plain_batch_norm():
     variables = bn.init(jax.random.key(0), x)
     results.append(bn.apply(variables, x, mutable=['batch_stats']))
   jax.tree.map(np.testing.assert_array_equal, *results)
+
+
+@pytest.mark.parametrize(
+  'backend, statistics',
+  [('cpu', 'fixed_order'), ('gpu', 'xla'), ('tpu', 'xla')],
+)
+def test_auto_statistics_follow_the_backend(monkeypatch, backend, statistics):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert normalization.resolve_statistics('auto') == statistics
+  for name in ('fixed_order', 'xla'):
+    assert normalization.resolve_statistics(name) == name
+  with pytest.raises(ValueError, match='statistics must be one of'):
+    normalization.resolve_statistics('pairwise')
 
 
 def test_groups_must_divide_the_batch():

@@ -13,6 +13,7 @@ import functools
 import math
 import types
 
+import flax
 import helpers
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from gunn_jax import (
   folders,
   input_pipeline,
   models,
+  normalization,
   optimization,
   preprocessing,
   steps,
@@ -174,6 +176,31 @@ def tiny_variables_fixture():
     return values.astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.mark.parametrize('statistics', ['xla', 'fixed_order'])
+def test_bn_statistics_reaches_every_batch_norm(tiny_variables, statistics):
+  config = config_with(tiny.get_config, bn_statistics=statistics)
+  model = train.create_model(config, 10)
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, normalization.BatchNorm):
+      seen.append(context.module.statistics)
+    return next_fun(*args, **kwargs)
+
+  with flax.linen.intercept_methods(record):
+    jax.eval_shape(
+      functools.partial(model.apply, train=True, mutable=['batch_stats']),
+      tiny_variables,
+      jnp.zeros((4, 8, 8, 3)),
+    )
+  batch_norms = jax.tree_util.tree_leaves_with_path(tiny_variables['params'])
+  num_batch_norms = sum(
+    1 for path, _ in batch_norms if path[-1].key == 'bias' and 'bn' in str(path)
+  )
+  assert len(seen) >= num_batch_norms > 5
+  assert set(seen) == {statistics}
 
 
 def test_bn_group_size_reaches_every_batch_norm(tiny_variables):

@@ -109,18 +109,22 @@ def test_optimizer_is_torch_sgd_nesterov_with_coupled_decay():
 
 
 def test_backend_options_reach_the_model():
-  config = tiny_config(conv_gradient='xla', batch_units='vmap', scan_unroll=2)
-  model = train.create_model(config, 10)
-  assert (model.conv_gradient, model.batch_units, model.scan_unroll) == (
-    'xla',
-    True,
-    2,
+  config = tiny_config(
+    conv_gradient='xla', batch_units='vmap', scan_unroll=2, bn_statistics='xla'
   )
+  model = train.create_model(config, 10)
+  assert (
+    model.conv_gradient,
+    model.batch_units,
+    model.scan_unroll,
+    model.bn_statistics,
+  ) == ('xla', True, 2, 'xla')
   assert train.create_model(tiny_config(), 10).batch_units is None
   for key, value in [
     ('batch_units', 'grouped'),
     ('conv_gradient', 'cudnn'),
     ('scan_unroll', 0),
+    ('bn_statistics', 'pairwise'),
   ]:
     with pytest.raises(UserError, match=key):
       train.create_model(tiny_config(**{key: value}), 10)
