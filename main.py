@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gunn_jax import log_setup
+from gunn_jax import compile_cache, log_setup
 
 # TensorFlow (behind the input pipeline, which also hides GPUs from it)
 # prints C++ banners when imported: see log_setup.py.
@@ -69,6 +69,11 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     log_setup.console_only()
   try:
+    compile_cache.enable(
+      (_CONFIG.value or {}).get(
+        'compilation_cache_dir', compile_cache.DEFAULT_DIR
+      )
+    )
     # Before any other JAX call; see distributed.py for flags, environment
     # variables and cluster detection.
     distributed.initialize(

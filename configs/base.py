@@ -63,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.diagnostics_every_steps = 0  # Steps between diagnostics; 0 = off.
   config.diagnostics_num_images = 256  # Eval images for the diagnostics.
   config.profile_steps = 5  # Steps traced from step 10, then hourly; 0 = off.
+  # JAX's compiled programs (gunn_jax/compile_cache.py); '' = not kept.
+  config.compilation_cache_dir = '~/.cache/gunn_jax/xla'
   return config
 
 
