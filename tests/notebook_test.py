@@ -4,6 +4,7 @@ import os
 import pathlib
 
 import helpers
+import jax
 import nbclient
 import nbformat
 import pytest
@@ -36,6 +37,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   # training, the digits.
   assert len(images) == 5
   text = ''.join(out.get('text', '') for out in outputs)
+  assert f'JAX {jax.__version__} on cpu: [CpuDevice(id=0)' in text
   assert 'total' in text and '1,585,746' in text
   for name in ('gunn_mini', 'sunn_mini', 'gunn_mini_nores'):
     assert f'{name}: final test error' in text
