@@ -248,7 +248,7 @@ def _imagenet_train(info, config, start_step, index, count, batch_size):
 
     ds = ds.map(fn, num_parallel_calls=_AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE)
-    return ds.as_numpy_iterator()
+    return ds.with_options(_options()).as_numpy_iterator()
 
   def batches():
     first_epoch, skip_steps = divmod(start_step, steps_per_epoch)
@@ -377,7 +377,7 @@ def create_eval_iterable(
       tf.data.Dataset.from_tensors(_padding(info, config)).repeat()
     )
     ds = ds.take(total).batch(batch_size).prefetch(_AUTOTUNE)
-    return _EvalIterable(ds, num_batches)
+    return _EvalIterable(ds.with_options(_options()), num_batches)
   split = datasets.load_split(info, config, train=False)
   host = np.array_split(np.arange(info.num_eval_examples), count)[index]
   indices = np.concatenate([host, np.zeros(total - len(host), np.int64)])

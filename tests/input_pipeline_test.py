@@ -6,6 +6,7 @@ import os
 import helpers
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 from sklearn import datasets as sklearn_datasets
@@ -313,3 +314,32 @@ def test_mocked_imagenet(tmp_path):
     )
   assert len(batches) == 1
   assert batches[0]['images'].shape == (2, 10, 24, 24, 3)
+
+
+def test_every_pipeline_runs_without_autotuning(tmp_path, monkeypatch):
+  """`input_pipeline._options` (no autotuning thread, whose wake-up stalled
+  the end of multi-process runs) reaches ImageNet's pipelines too."""
+  autotuned = []
+  as_numpy_iterator = tf.data.Dataset.as_numpy_iterator
+
+  def record(ds):
+    autotuned.append(ds.options().autotune.enabled)
+    return as_numpy_iterator(ds)
+
+  monkeypatch.setattr(tf.data.Dataset, 'as_numpy_iterator', record)
+  config = _config(
+    dataset='imagenet2012',
+    data_dir=str(tmp_path),
+    image_size=24,
+    batch_size=4,
+    eval_batch_size=4,
+    shuffle_buffer_size=8,
+  )
+  with helpers.mock_tfds(
+    tmp_path, 'imagenet2012', {'train': 12, 'validation': 12}
+  ):
+    next(input_pipeline.create_train_iterator(config))
+    next(iter(input_pipeline.create_eval_iterable(config)))
+  next(input_pipeline.create_train_iterator(_config()))
+  next(iter(input_pipeline.create_eval_iterable(_config())))
+  assert autotuned == [False] * 4
