@@ -12,9 +12,11 @@ hides both (unless `--verbosity` is given).
 """
 
 import contextlib
+import faulthandler
 import logging as std_logging
 import os
 import sys
+import tempfile
 
 from absl import logging
 
@@ -53,10 +55,13 @@ def _verbose_requested(argv: list[str]) -> bool:
 
 @contextlib.contextmanager
 def tensorflow_quiet(argv: list[str]):
-  """Import TensorFlow inside: its native stderr goes to /dev/null.
+  """Import TensorFlow inside: its native stderr is held back.
 
-  Also sets TF_CPP_MIN_LOG_LEVEL=1 (unless set) for its INFO lines later.
-  Does nothing when `argv` asks for `--verbosity`.
+  What the import writes to stderr goes to a temporary file, dropped when
+  the import succeeds and printed when it raises; a native crash (a fatal
+  signal) still prints Python's fault report with the failing import to the
+  real stderr. Also sets TF_CPP_MIN_LOG_LEVEL=1 (unless set) for its INFO
+  lines later. Does nothing when `argv` asks for `--verbosity`.
   """
   if _verbose_requested(argv):
     yield
@@ -64,10 +69,22 @@ def tensorflow_quiet(argv: list[str]):
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   sys.stderr.flush()
   saved = os.dup(2)
-  with open(os.devnull, 'w') as devnull:
-    os.dup2(devnull.fileno(), 2)
-  try:
-    yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
+  real_stderr = os.fdopen(os.dup(saved), 'w')
+  was_enabled = faulthandler.is_enabled()
+  faulthandler.enable(file=real_stderr)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      os.dup2(saved, 2)
+      held.seek(0)
+      sys.stderr.write(held.read().decode(errors='replace'))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      faulthandler.disable()
+      if was_enabled:
+        faulthandler.enable()
+      real_stderr.close()
