@@ -3,8 +3,8 @@
     python -m benchmarks.accelerator --json out.json
 
 Runs on the default JAX backend with jax, flax, optax, numpy and
-scikit-learn only (no TensorFlow, TFDS, clu or ml_collections), in about
-five minutes on one accelerator:
+scikit-learn only (no TensorFlow, TFDS, clu or ml_collections), in under
+eight minutes on one accelerator:
 
 1. Digits: the quickstart (`configs/quickstart.py`: gunn_mini, 16x16, batch
    64, 15 epochs, step decay) through the real train step. The images sit on
@@ -16,8 +16,16 @@ five minutes on one accelerator:
    training mode, state donated, batch sharded over all devices) of GUNN-15
    and SUNN-15 at per-device batch 64 and 256 in float32 and bfloat16,
    GUNN-24 at 64 in bfloat16 and GUNN-18 (224x224) at 64 in bfloat16, on
-   random data, with the backend's default paths (`conv_gradient` and
-   `batch_units` 'auto').
+   random data, with the backend's default paths (`conv_gradient`,
+   `batch_units` and `bn_statistics` 'auto').
+3. A/B rows for the open choices, GUNN-15 in bfloat16 at per-device batch
+   256 against the same case in 2.: BatchNorm statistics in the fixed order
+   (`bn_statistics='fixed_order'`, against 'auto', which is XLA's
+   reductions off the CPU) and the unit scans unrolled 2 and 4 times
+   (`scan_unroll`). Each record names its `options`; the closing lines give
+   GUNN/SUNN step-time ratios and each option's time against the default.
+   (Data on the device against tf.data needs TensorFlow: `benchmarks/loop.py`
+   and `benchmarks/run.py` measure the input side where it is installed.)
 
 Every record has the step time (median), images/s, compile time, memory,
 `forward_flops_per_image`, `model_flops_per_step`, `achieved_tflops` and
@@ -46,14 +54,30 @@ from benchmarks import timing
 from gunn_jax import digits, flops, models, optimization, sharding, steps
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# (network, activation dtype, per-device batch, image side).
-CASES = tuple(
-  (name, dtype, batch, 32)
-  for name in ('gunn15', 'sunn15')
-  for batch in (64, 256)
-  for dtype in ('float32', 'bfloat16')
-) + (('gunn24', 'bfloat16', 64, 32), ('gunn18', 'bfloat16', 64, 224))
-QUICK_CASES = (('gunn_tiny', 'float32', 4, 8), ('sunn_tiny', 'bfloat16', 4, 8))
+# (network, activation dtype, per-device batch, image side, model options).
+CASES = (
+  tuple(
+    (name, dtype, batch, 32, {})
+    for name in ('gunn15', 'sunn15')
+    for batch in (64, 256)
+    for dtype in ('float32', 'bfloat16')
+  )
+  + (('gunn24', 'bfloat16', 64, 32, {}), ('gunn18', 'bfloat16', 64, 224, {}))
+  + tuple(
+    ('gunn15', 'bfloat16', 256, 32, options)
+    for options in (
+      {'bn_statistics': 'fixed_order'},
+      {'scan_unroll': 2},
+      {'scan_unroll': 4},
+    )
+  )
+)
+QUICK_CASES = (
+  ('gunn_tiny', 'float32', 4, 8, {}),
+  ('sunn_tiny', 'float32', 4, 8, {}),
+  ('gunn_tiny', 'float32', 4, 8, {'bn_statistics': 'xla'}),
+  ('gunn_tiny', 'float32', 4, 8, {'scan_unroll': 2}),
+)
 
 # The optimiser settings of `configs/base.py` and the quickstart's of
 # `configs/quickstart.py`, written out because this module must not import
@@ -117,11 +141,16 @@ def _memory(compiled) -> dict:
   return {'memory_bytes': total, 'memory': 'xla_estimate'}
 
 
-def measure_step(name, dtype, per_device_batch, image_size, num_steps, warmup):
-  """Compiles and times one network's train step; returns a record."""
+def measure_step(
+  name, dtype, per_device_batch, image_size, options, num_steps, warmup
+):
+  """Compiles and times one network's train step; returns a record.
+
+  `options` are `models.create_model` overrides (e.g. `scan_unroll`).
+  """
   imagenet = models.MODELS[name].get('imagenet_stem', False)
   num_classes = 1000 if imagenet else 10
-  model = models.create_model(name, num_classes, dtype=DTYPES[dtype])
+  model = models.create_model(name, num_classes, dtype=DTYPES[dtype], **options)
   batch_size = per_device_batch * jax.device_count()
   image_shape = (image_size, image_size, 3)
   mesh = sharding.create_mesh()
@@ -144,6 +173,7 @@ def measure_step(name, dtype, per_device_batch, image_size, num_steps, warmup):
     'dtype': dtype,
     'batch_size': batch_size,
     'image_size': image_size,
+    'options': options,
     'steps': num_steps,
     'step_ms': median,
     'images_per_s': 1000 * batch_size / median,
@@ -267,24 +297,55 @@ def _cell(value, fmt):
   return '-' if value is None else format(value, fmt)
 
 
+def _options_text(options) -> str:
+  return ', '.join(f'{k}={v}' for k, v in (options or {}).items()) or '-'
+
+
+def comparisons(records) -> list[str]:
+  """GUNN/SUNN step-time ratios, and each option against its default."""
+  timed = {
+    (r['model'], r['dtype'], r['batch_size'], _options_text(r['options'])): r
+    for r in records
+    if r['kind'] == 'train_step' and not r.get('skipped')
+  }
+  lines = []
+  for (model, dtype, batch, options), r in timed.items():
+    twin = model.replace('gunn', 'sunn', 1)
+    if model.startswith('gunn') and options == '-':
+      if (twin, dtype, batch, '-') in timed:
+        ratio = r['step_ms'] / timed[twin, dtype, batch, '-']['step_ms']
+        lines.append(
+          f'{model}/{twin} step time, {dtype}, batch {batch}: {ratio:.2f}'
+        )
+    if options != '-' and (model, dtype, batch, '-') in timed:
+      ratio = r['step_ms'] / timed[model, dtype, batch, '-']['step_ms']
+      lines.append(
+        f'{model} {dtype} batch {batch}, {options} against the default: '
+        f'{ratio:.2f}x the step time'
+      )
+  return lines
+
+
 def table(records) -> str:
   """A markdown table of the records."""
   lines = [
-    '| kind | model | dtype | batch | image | step ms | images/s | compile s '
-    '| memory MiB | GFLOP/image | TFLOP/s | MFU | test accuracy |',
-    '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    '| kind | model | options | dtype | batch | image | step ms | images/s '
+    '| compile s | memory MiB | GFLOP/image | TFLOP/s | MFU | test accuracy |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in records:
+    options = _options_text(r.get('options'))
     if r.get('skipped'):
       lines.append(
-        f'| {r["kind"]} | {r["model"]} | {r["dtype"]} | {r["batch_size"]} '
-        f'| {r["image_size"]} | skipped |||||||'
+        f'| {r["kind"]} | {r["model"]} | {options} | {r["dtype"]} '
+        f'| {r["batch_size"]} | {r["image_size"]} | skipped |||||||'
       )
       continue
     memory = r['memory_bytes']
     memory = None if memory is None else memory / 2**20
     lines.append(
-      f'| {r["kind"]} | {r["model"]} | {r["dtype"]} | {r["batch_size"]} '
+      f'| {r["kind"]} | {r["model"]} | {options} | {r["dtype"]} '
+      f'| {r["batch_size"]} '
       f'| {r["image_size"]} | {r["step_ms"]:.1f} | {r["images_per_s"]:.1f} '
       f'| {r["compile_s"]:.1f} | {_cell(memory, ".0f")} '
       f'| {r["forward_flops_per_image"] / 1e9:.3g} '
@@ -306,7 +367,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument(
     '--max_minutes',
     type=float,
-    default=4.5,
+    default=6.5,
     help='Skip the train-step cases that would start after this.',
   )
   args = parser.parse_args(argv)
@@ -319,7 +380,7 @@ def main(argv=None) -> list[dict]:
     cases, num_steps, warmup = CASES, args.steps, args.warmup
   records = [learning]
   print(table(records), flush=True)
-  for name, dtype, batch, image_size in cases:
+  for name, dtype, batch, image_size, options in cases:
     if time.perf_counter() - start > 60 * args.max_minutes:
       records.append(
         {
@@ -328,15 +389,20 @@ def main(argv=None) -> list[dict]:
           'dtype': dtype,
           'batch_size': batch * jax.device_count(),
           'image_size': image_size,
+          'options': options,
           'skipped': True,
         }
       )
     else:
       records.append(
-        measure_step(name, dtype, batch, image_size, num_steps, warmup)
+        measure_step(name, dtype, batch, image_size, options, num_steps, warmup)
       )
     print(table(records[-1:]).splitlines()[-1], flush=True)
-  return timing.finish(records, table, args.json, time.perf_counter() - start)
+  records = timing.finish(
+    records, table, args.json, time.perf_counter() - start
+  )
+  print('\n'.join(comparisons(records)))
+  return records
 
 
 if __name__ == '__main__':

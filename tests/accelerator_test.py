@@ -85,8 +85,9 @@ def test_quick_check_runs_without_tensorflow_clu_or_ml_collections(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   records = json.loads(path.read_text())
   digits, *cases = records
-  assert [(r['kind'], r['model'], r['dtype']) for r in cases] == [
-    ('train_step', name, dtype) for name, dtype, _, _ in accelerator.QUICK_CASES
+  assert [(r['kind'], r['model'], r['dtype'], r['options']) for r in cases] == [
+    ('train_step', name, dtype, options)
+    for name, dtype, _, _, options in accelerator.QUICK_CASES
   ]
   for r in records:
     assert r['platform'] == 'cpu' and r['device_kind'] and r['jax_version']
@@ -99,3 +100,10 @@ def test_quick_check_runs_without_tensorflow_clu_or_ml_collections(tmp_path):
   assert digits['kind'] == 'digits' and digits['num_test_examples'] == 355
   assert digits['test_accuracy'] > 0.2  # Chance is 0.1.
   assert '| digits | gunn_tiny |' in result.stdout
+  # The closing comparisons: GUNN against SUNN, each option against default.
+  assert 'gunn_tiny/sunn_tiny step time, float32, batch 4: ' in result.stdout
+  for option in ('bn_statistics=xla', 'scan_unroll=2'):
+    assert (
+      f'gunn_tiny float32 batch 4, {option} against the default: '
+      in result.stdout
+    )
