@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gunn_jax import normalization
+from gunn_jax import backends, normalization
 
 Dtype = Any
 ModuleDef = Any
@@ -61,13 +61,9 @@ def resolve_conv_gradient(choice: str) -> str:
   Raises:
     ValueError: for a choice not in `CONV_GRADIENTS`.
   """
-  if choice not in CONV_GRADIENTS:
-    raise ValueError(
-      f'conv_gradient must be one of {CONV_GRADIENTS}, got {choice!r}.'
-    )
-  if choice == 'auto':
-    return 'taps' if jax.default_backend() == 'cpu' else 'xla'
-  return choice
+  return backends.resolve(
+    'conv_gradient', choice, CONV_GRADIENTS, 'taps', 'xla'
+  )
 
 
 def _conv(images: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gunn_jax import backends
+
 Dtype = Any
 STATISTICS = ('auto', 'fixed_order', 'xla')
 
@@ -47,13 +49,9 @@ def resolve_statistics(statistics: str) -> str:
   Raises:
     ValueError: for a name not in `STATISTICS`.
   """
-  if statistics not in STATISTICS:
-    raise ValueError(
-      f'BatchNorm statistics must be one of {STATISTICS}, got {statistics!r}.'
-    )
-  if statistics == 'auto':
-    return 'fixed_order' if jax.default_backend() == 'cpu' else 'xla'
-  return statistics
+  return backends.resolve(
+    'BatchNorm statistics', statistics, STATISTICS, 'fixed_order', 'xla'
+  )
 
 
 def pairwise_sum(values: jax.Array, axis: int) -> jax.Array:

@@ -280,8 +280,9 @@ def test_mocked_cifar(tmp_path, name):
   )
 
 
-def test_mocked_imagenet(tmp_path):
-  config = _config(
+def _imagenet_config(tmp_path):
+  """Mock ImageNet in `tmp_path`, 24x24, 4 images per batch."""
+  return _config(
     dataset='imagenet2012',
     data_dir=str(tmp_path),
     image_size=24,
@@ -289,6 +290,10 @@ def test_mocked_imagenet(tmp_path):
     eval_batch_size=4,
     shuffle_buffer_size=8,
   )
+
+
+def test_mocked_imagenet(tmp_path):
+  config = _imagenet_config(tmp_path)
   with helpers.mock_tfds(
     tmp_path, 'imagenet2012', {'train': 12, 'validation': 12}
   ):
@@ -327,14 +332,7 @@ def test_every_pipeline_runs_without_autotuning(tmp_path, monkeypatch):
     return as_numpy_iterator(ds)
 
   monkeypatch.setattr(tf.data.Dataset, 'as_numpy_iterator', record)
-  config = _config(
-    dataset='imagenet2012',
-    data_dir=str(tmp_path),
-    image_size=24,
-    batch_size=4,
-    eval_batch_size=4,
-    shuffle_buffer_size=8,
-  )
+  config = _imagenet_config(tmp_path)
   with helpers.mock_tfds(
     tmp_path, 'imagenet2012', {'train': 12, 'validation': 12}
   ):
