@@ -94,9 +94,9 @@ def latest_step(workdir: str) -> int | None:
 def _move_unfinished_aside(directory: epath.Path) -> None:
   """Renames unfinished step directories to `<step>.unfinished[.k]`, so that
   a new save of that step can be written (process 0 only)."""
-  _, unfinished = _step_directories(directory)
-  if jax.process_index() != 0 or not unfinished:
+  if jax.process_index() != 0:
     return
+  _, unfinished = _step_directories(directory)
   _warn_unfinished(unfinished, 'moved aside to <step>.unfinished')
   for path in unfinished:
     target = path.parent / f'{path.name}.unfinished'
