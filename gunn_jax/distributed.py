@@ -14,7 +14,10 @@ finds the others:
 
 CPU processes exchange collectives through gloo, chosen here when
 `JAX_PLATFORMS` starts with `cpu`: the platform must be known before JAX
-starts a backend. (Unset, JAX 0.10 also picks gloo.)
+starts a backend. (Unset, JAX 0.10 also picks gloo.) Gloo connects the
+processes at the first collective over a set of devices and waits only 30 s
+there for the last one; `initialize` therefore connects all devices at once,
+while the processes are together (`_connect_cpu_devices`).
 
 A process that fails or dies ends the run. Each process writes a sign of
 life into JAX's key-value store every `peer_timeout_s / 10` seconds and reads
@@ -36,8 +39,12 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
+from jax._src import distributed as jax_distributed  # No public client.
 from jax._src import xla_bridge  # backends_are_initialized has no public API.
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gunn_jax.errors import UserError
 
@@ -100,7 +107,7 @@ def initialize(
   )
   if explicit[0] is not None:
     jax.distributed.initialize(*explicit, **timeouts)
-    _watch_peers(peer_timeout_s)
+    _start(peer_timeout_s)
   elif xla_bridge.backends_are_initialized():
     # JAX already runs (a notebook, or a test calling main() again): too
     # late to join a cluster, and an explicit request would have failed.
@@ -113,7 +120,7 @@ def initialize(
       # Raised before anything starts when no cluster is detected.
       logging.debug('No cluster detected: running as a single process.')
     else:
-      _watch_peers(peer_timeout_s)
+      _start(peer_timeout_s)
 
 
 def end_run(reason: str) -> None:
@@ -148,8 +155,6 @@ class _PeerWatch(threading.Thread):
 
   def __init__(self, peer_timeout_s: int):
     super().__init__(name='gunn_jax_peer_watch', daemon=True)
-    from jax._src import distributed as jax_distributed  # No public client.
-
     self._client = jax_distributed.global_state.client
     self._key = f'{self._PREFIX}{jax.process_index()}'
     self._timeout = peer_timeout_s
@@ -206,16 +211,48 @@ class _PeerWatch(threading.Thread):
 _watch: _PeerWatch | None = None
 
 
-def _watch_peers(peer_timeout_s: int) -> None:
+def _start(peer_timeout_s: int) -> None:
+  """Prepares a process of a multi-process run, after JAX's initialize."""
   global _watch
-  if jax.process_count() > 1:
-    # A lost process 0 makes JAX abort the others at once (its client polls
-    # the service for errors); Python's fault handler would add every
-    # thread's traceback to JAX's message.
-    faulthandler.disable()
-    _watch = _PeerWatch(peer_timeout_s)
-    _watch.start()
-    atexit.register(_watch.stop)
+  if jax.process_count() == 1:
+    return
+  # A lost process 0 makes JAX abort the others at once (its client polls
+  # the service for errors); Python's fault handler would add every
+  # thread's traceback to JAX's message.
+  faulthandler.disable()
+  _watch = _PeerWatch(peer_timeout_s)
+  _watch.start()
+  atexit.register(_watch.stop)
+  if jax.default_backend() == 'cpu':
+    _connect_cpu_devices()
+
+
+def _connect_cpu_devices() -> None:
+  """Runs one sum over all devices as soon as every process is ready for it.
+
+  Gloo connects the processes the first time a collective spans a set of
+  devices and keeps that connection for the process's life; but it waits at
+  most 30 s (fixed inside XLA) for the last process to arrive. Processes that
+  compile their first training step at different speeds arrive further apart
+  than that on a busy host (`Gloo context initialization failed ...
+  GetKeyValue() timed out`, docs/xla_cpu.md item 10). Here the program is
+  compiled first, every process then waits at a barrier of the key-value
+  store (no time limit that matters), and the sum follows at once; later
+  collectives over all devices reuse the connection and wait as long as
+  their peers take.
+  """
+  mesh = Mesh(np.array(jax.devices()), ('devices',))
+  ones = jax.make_array_from_process_local_data(
+    NamedSharding(mesh, PartitionSpec('devices')),
+    np.ones(jax.local_device_count(), np.int32),
+  )
+  count = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))
+  count = count.lower(ones).compile()
+  jax_distributed.global_state.client.wait_at_barrier(
+    'gunn_jax/connect_cpu_devices', INITIALIZATION_TIMEOUT_S * 1000
+  )
+  if int(count(ones)) != jax.device_count():
+    raise RuntimeError('The sum over all devices is wrong: gloo is broken.')
 
 
 def first_line(error: Exception) -> str:

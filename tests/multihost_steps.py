@@ -9,7 +9,9 @@ learning rate 0.1) on fixed global batches of 32 random 16x16 images, once
 per mesh over the first MESH_SIZE devices (default: all devices of all
 processes). Process 0 writes `OUT_DIR/steps_<MESH_SIZE>.npz`: the final
 parameters (`params...`) and BatchNorm running averages (`batch_stats...`),
-by leaf path.
+by leaf path. With `LATE_PROCESS_S` set, process 1 starts its first step
+that many seconds after the others (gloo waits only 30 s when it first
+connects processes; `gunn_jax.distributed` connects them up front).
 
 In float32, this network's trajectories on different topologies part within
 a few steps (float32 rounding amplified); in float64 any difference beyond
@@ -19,6 +21,7 @@ devices, 4 processes x 1 device and 1 process x 4 devices with 1 x 1.
 
 import os
 import sys
+import time
 
 import jax
 
@@ -62,6 +65,8 @@ def create_state(model) -> TrainState:
 def main(out_dir: str, mesh_sizes: list[int]) -> None:
   if 'JAX_PROCESS_ID' in os.environ:
     distributed.initialize()
+  if jax.process_index() == 1:
+    time.sleep(float(os.environ.get('LATE_PROCESS_S', 0)))
   rng = np.random.default_rng(0)
   shape = (NUM_STEPS, BATCH_SIZE, *IMAGE_SHAPE)
   images = rng.normal(size=shape)
