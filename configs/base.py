@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Data.
   config.dataset = 'cifar10'  # cifar10|cifar100|imagenet2012|digits|folder:DIR
   config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir.
+  config.download_data = True  # TFDS: download CIFAR on first use.
   config.image_size = 0  # Side in pixels; 0 = the dataset's default.
   config.folder_preprocessing = 'auto'  # Folders: 'auto', 'cifar', 'imagenet'.
   config.folder_val_fraction = 0.1  # Held out of train if a folder has no val.

@@ -1,8 +1,9 @@
 """Data sources: which examples, labels and classes a config names.
 
 `config.dataset` is one of
-  * `cifar10`, `cifar100`, `imagenet2012`: TFDS datasets prepared in
-    `config.data_dir` (TFDS's default when unset); nothing is downloaded.
+  * `cifar10`, `cifar100`, `imagenet2012`: TFDS datasets in
+    `config.data_dir` (TFDS's default when unset); CIFAR is downloaded on
+    first use unless `config.download_data` is False (`downloads.py`).
   * `folder:ROOT`: a folder of images in class folders (`folders.py`: the
     layouts, which files count, how unreadable ones are skipped). With
     `config.folder_preprocessing='auto'` (the default) the images' median
@@ -33,7 +34,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from gunn_jax import digits, errors, folders, preprocessing
+from gunn_jax import digits, downloads, errors, folders, preprocessing
 
 # TensorFlow only feeds the host; JAX owns the accelerators.
 tf.config.set_visible_devices([], 'GPU')
@@ -60,6 +61,8 @@ class DatasetInfo:
     num_eval_examples: examples evaluated (whole split or max_eval_examples).
     mean, std: CIFAR-style per-channel normalisation on the 0..255 scale
       (ImageNet-style data uses `preprocessing.IMAGENET_MEAN/STD`).
+    split_fingerprints: image folders: (split, file count, SHA-256 of the
+      sorted relative paths) of 'train' and 'val' (`folders.fingerprint`).
   """
 
   name: str
@@ -70,6 +73,7 @@ class DatasetInfo:
   num_eval_examples: int
   mean: tuple[float, ...] = ()
   std: tuple[float, ...] = ()
+  split_fingerprints: tuple[tuple[str, int, str], ...] = ()
 
   @property
   def num_classes(self) -> int:
@@ -92,6 +96,10 @@ class DatasetInfo:
 
   @classmethod
   def from_json(cls, values: dict) -> 'DatasetInfo':
+    values = dict(values)
+    values['split_fingerprints'] = tuple(
+      tuple(v) for v in values.get('split_fingerprints', ())
+    )
     tuples = ('class_names', 'mean', 'std')
     return cls(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
 
@@ -181,6 +189,7 @@ def _folder_info(config) -> DatasetInfo:
   )
   _log_once(message)
   scale = lambda values: tuple(255 * v for v in values)
+  files = folders.split_files(folder)
   return DatasetInfo(
     name=config.dataset,
     style=style,
@@ -190,7 +199,17 @@ def _folder_info(config) -> DatasetInfo:
     num_eval_examples=len(folder.val_labels),
     mean=scale(preprocessing.IMAGENET_MEAN) if style == 'cifar' else (),
     std=scale(preprocessing.IMAGENET_STD) if style == 'cifar' else (),
+    split_fingerprints=tuple(
+      (split, *folders.fingerprint(names)) for split, names in files.items()
+    ),
   )
+
+
+def split_files(config) -> dict[str, list[str]] | None:
+  """An image folder's `folders.split_files`; None for other datasets."""
+  if not config.dataset.startswith(_FOLDER_PREFIX):
+    return None
+  return folders.split_files(_scan(config))
 
 
 @functools.lru_cache(maxsize=64)
@@ -209,7 +228,9 @@ def get_dataset_info(config) -> DatasetInfo:
   """
   dataset = config.dataset
   if dataset in TFDS_SPLITS:
-    builder = tfds_builder(dataset, config.data_dir)
+    builder = downloads.prepare(
+      dataset, config.data_dir, config.get('download_data', True)
+    )
     style = 'imagenet' if dataset == 'imagenet2012' else 'cifar'
     train_split, eval_split = TFDS_SPLITS[dataset]
     mean, std = preprocessing.CIFAR_STATS.get(dataset, ((), ()))

@@ -255,5 +255,22 @@ def _connect_cpu_devices() -> None:
     raise RuntimeError('The sum over all devices is wrong: gloo is broken.')
 
 
+def share(key: str, value: str) -> None:
+  """Puts `value` under `key` in JAX's key-value store, for the other
+  processes (nothing to do in a single process)."""
+  if jax.process_count() > 1:
+    jax_distributed.global_state.client.key_value_set(key, value, True)
+
+
+def receive(key: str, timeout_s: int) -> str | None:
+  """The value another process `share`d under `key`; waits up to
+  `timeout_s` for it, then returns None."""
+  client = jax_distributed.global_state.client
+  try:
+    return client.blocking_key_value_get(key, timeout_s * 1000)
+  except jax.errors.JaxRuntimeError:  # DEADLINE_EXCEEDED.
+    return None
+
+
 def first_line(error: Exception) -> str:
   return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

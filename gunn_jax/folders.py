@@ -27,14 +27,22 @@ in any mode: grey, palette, CMYK, alpha (dropped), 16-bit (scaled to
 8 bits) and floating-point grey (0..1 scaled to 0..255) images all become
 8-bit RGB.
 
-Without a val folder, `val_fraction` of each class (at least one image of a
-class of two or more) is held out for evaluation, chosen with a fixed seed so
-that every run of the folder evaluates on the same images.
+Without a val folder, about `val_fraction` of each class is held out for
+evaluation, each file on its own: it is a validation image iff a hash of
+(`HOLD_OUT_SEED`, its path relative to its class folder) falls below
+`val_fraction`. Adding, removing, renaming or failing to read other files
+never moves it, and every run of the folder evaluates on the same images.
+(A small class may hold out none of its images, or all of them.)
+
+`split_files` lists each split's files relative to their split folder; a run
+saves them with a fingerprint of each split (`fingerprint`), so that a
+resume on a changed folder is refused (`runs.py`).
 """
 
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import time
@@ -53,7 +61,7 @@ VAL_FOLDERS = ('val', 'validation', 'test')
 LAYOUT = 'expected ROOT/train/<class>/<image> (and ROOT/val/<class>/<image>)'
 # `auto` preprocessing: CIFAR-style at the images' own size up to this side.
 SMALL_IMAGE_SIDE = 64
-_HOLD_OUT_SEED = 0
+HOLD_OUT_SEED = 0
 _SHOWN_PATHS = 3
 
 
@@ -68,6 +76,7 @@ class FolderScan:
     val_paths, val_labels: readable evaluation images and labels.
     median_size: (height, width), medians over the training images.
     held_out: whether the evaluation images were held out of train.
+    train_dir, val_dir: the split folders (the same when held out).
   """
 
   root: str
@@ -78,6 +87,8 @@ class FolderScan:
   val_labels: np.ndarray
   median_size: tuple[int, int]
   held_out: bool
+  train_dir: str
+  val_dir: str
 
 
 def read_rgb(path: str | bytes) -> np.ndarray:
@@ -212,15 +223,23 @@ def _arrays(per_class: dict, class_names: tuple) -> tuple[np.ndarray, ...]:
   return np.array(paths, dtype=str), np.array(labels, np.int32)
 
 
-def _hold_out(per_class: dict, fraction: float) -> tuple[dict, dict]:
-  """Splits each class's images into (train, val) with a fixed seed."""
-  rng = np.random.default_rng(_HOLD_OUT_SEED)
+def _held_out(path: str, class_dir: str, fraction: float) -> bool:
+  """Whether `path` is a validation image: its hash, in [0, 1), < fraction."""
+  name = os.path.relpath(path, class_dir).replace(os.sep, '/')
+  digest = hashlib.sha256(f'{HOLD_OUT_SEED}/{name}'.encode()).digest()
+  return int.from_bytes(digest[:8], 'big') / 2**64 < fraction
+
+
+def _hold_out(
+  directory: str, per_class: dict, fraction: float
+) -> tuple[dict, dict]:
+  """Splits each class's images into (train, val), file by file."""
   train, val = {}, {}
   for name, images in per_class.items():
-    count = min(len(images) - 1, max(1, round(fraction * len(images))))
-    chosen = set(rng.permutation(len(images))[:count].tolist())
-    train[name] = [x for i, x in enumerate(images) if i not in chosen]
-    val[name] = [x for i, x in enumerate(images) if i in chosen]
+    class_dir = os.path.join(directory, name)
+    held = [_held_out(path, class_dir, fraction) for path, _ in images]
+    train[name] = [x for x, h in zip(images, held) if not h]
+    val[name] = [x for x, h in zip(images, held) if h]
   return train, val
 
 
@@ -295,10 +314,10 @@ def _scan(root, val_fraction, max_unreadable, signature) -> FolderScan:
         f'{root} has no val folder; add {root}/val/<class>/<image> or set '
         f'config.folder_val_fraction in (0, 1) (now {val_fraction}).'
       )
-    train, val = _hold_out(train, val_fraction)
+    train, val = _hold_out(train_dir, train, val_fraction)
     logging.info(
-      '%s has no val folder: %g%% of each class held out for evaluation '
-      '(fixed seed).',
+      '%s has no val folder: about %g%% of each class held out for '
+      'evaluation (by a hash of each file name).',
       *(root, 100 * val_fraction),
     )
   else:
@@ -322,6 +341,12 @@ def _scan(root, val_fraction, max_unreadable, signature) -> FolderScan:
     )
   train_paths, train_labels = _arrays(train, class_names)
   val_paths, val_labels = _arrays(val, class_names)
+  if not len(val_paths) and val_dir is None:
+    raise UserError(
+      f'No image of {root} was held out for evaluation (val_fraction '
+      f'{val_fraction} of {len(train_paths)} images); raise '
+      f'config.folder_val_fraction or add a val folder; {LAYOUT}.'
+    )
   if not len(val_paths):
     raise UserError(f'No readable evaluation images for {root}; {LAYOUT}.')
   sizes = np.array([size for images in train.values() for _, size in images])
@@ -335,7 +360,30 @@ def _scan(root, val_fraction, max_unreadable, signature) -> FolderScan:
     val_labels=val_labels,
     median_size=median,
     held_out=val_dir is None,
+    train_dir=train_dir,
+    val_dir=val_dir or train_dir,
   )
+
+
+def split_files(folder: FolderScan) -> dict[str, list[str]]:
+  """{'train': [...], 'val': [...]}: each split's images as sorted paths
+  relative to their split folder (`<class>/.../<file>`, '/'-separated)."""
+
+  def relative(paths, directory):
+    return sorted(
+      os.path.relpath(p, directory).replace(os.sep, '/') for p in paths
+    )
+
+  return {
+    'train': relative(folder.train_paths, folder.train_dir),
+    'val': relative(folder.val_paths, folder.val_dir),
+  }
+
+
+def fingerprint(files: list[str]) -> tuple[int, str]:
+  """(count, SHA-256 of the sorted names joined by newlines) of a split."""
+  text = '\n'.join(sorted(files))
+  return len(files), hashlib.sha256(text.encode()).hexdigest()
 
 
 def check_preprocessing(preprocessing: str) -> None:

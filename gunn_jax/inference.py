@@ -315,7 +315,9 @@ def evaluate_ensemble(workdir: str, num_snapshots: int | None = None) -> dict:
       f'{workdir} was trained with lr_schedule={config.lr_schedule!r}; '
       "snapshot ensembles need lr_schedule='snapshot'."
     )
-  experiment = train.create_experiment(config)
+  experiment = train.create_experiment(
+    config, runs.dataset_info(workdir, config)
+  )
   manager = checkpointing.create_manager(workdir, read_only=True)
   try:
     saved = set(manager.all_steps())
@@ -379,7 +381,9 @@ def diagnose_run(
   if num_images < 1:
     raise UserError(f'num_images must be positive, got {num_images}.')
   config = runs.load_config(workdir)
-  experiment = train.create_experiment(config)
+  experiment = train.create_experiment(
+    config, runs.dataset_info(workdir, config)
+  )
   state = train.restore_checkpoint(experiment, workdir, checkpoint)
   model = train.create_model(config, experiment.info.num_classes)
   batches = sharding.global_batches(

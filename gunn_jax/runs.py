@@ -2,16 +2,25 @@
 
     WORKDIR/config.json    the config the run trains with
     WORKDIR/dataset.json   its dataset's `DatasetInfo`: class names,
-                           preprocessing, input size, statistics, sizes
+                           preprocessing, input size, statistics, sizes and,
+                           for image folders, a fingerprint of each split
+    WORKDIR/split_files.json.gz  image folders: each split's file names
     WORKDIR/checkpoints/   `checkpointing.py`; metrics.jsonl: `metric_io.py`
 
 The saved config is the run's truth. Evaluation (`main.py --mode=eval`) and
-the tools read it, with command-line `--config.KEY=VALUE` overrides on top
-(logged). A resume whose model, data or schedule (`RUN_KEYS`) or whose
-dataset's classes differ from the saved ones is refused unless allowed
-explicitly. With dataset.json, `inference.load` needs no dataset.
+the tools read it (`load_config`), with command-line `--config.KEY=VALUE`
+overrides on top (logged); what the run chose from its data (the input size
+and preprocessing of `image_size=0` and `folder_preprocessing='auto'`) is
+taken from dataset.json, so that a folder that has changed since cannot
+change them. A resume whose model, data or schedule (`RUN_KEYS`), dataset
+classes, input size, or image folder splits (file names) differ from the
+saved ones is refused, with one line naming what changed, unless allowed
+explicitly. Evaluating a run on data with other class names is refused
+(`dataset_info`). With dataset.json, `inference.load` needs no dataset.
 """
 
+import dataclasses
+import gzip
 import json
 from typing import Any
 
@@ -24,6 +33,9 @@ from gunn_jax.errors import UserError
 
 CONFIG_FILE = 'config.json'
 DATASET_FILE = 'dataset.json'
+SPLIT_FILES = 'split_files.json.gz'
+# Added or removed file names shown when a folder's split has changed.
+_SHOWN_FILES = 3
 # What a run trains: changing these mid-run makes a different run.
 RUN_KEYS = (
   'model',
@@ -50,16 +62,20 @@ RUN_KEYS = (
 )
 
 
-def _write(path: epath.Path, text: str) -> None:
+def _write(path: epath.Path, data: str | bytes) -> None:
   tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text)
+  if isinstance(data, str):
+    tmp.write_text(data)
+  else:
+    tmp.write_bytes(data)
   tmp.replace(path)
 
 
 def save(
   workdir: str, config: ml_collections.ConfigDict, info: datasets.DatasetInfo
 ) -> None:
-  """Writes config.json and dataset.json (call on process 0 only).
+  """Writes config.json, dataset.json and, for an image folder,
+  split_files.json.gz (call on process 0 only).
 
   A folder dataset's path is saved absolute (`datasets.absolute_name`).
   """
@@ -68,6 +84,9 @@ def save(
   config.dataset = datasets.absolute_name(config.dataset)
   _write(directory / CONFIG_FILE, config.to_json_best_effort(indent=2))
   _write(directory / DATASET_FILE, json.dumps(info.to_json(), indent=2))
+  if info.split_fingerprints:
+    files = json.dumps(datasets.split_files(config)).encode()
+    _write(directory / SPLIT_FILES, gzip.compress(files))
 
 
 def _tuples(value: Any) -> Any:
@@ -85,7 +104,9 @@ def _saved_values(workdir: str) -> dict | None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """Returns the config a run was trained with (`workdir/config.json`).
+  """Returns the config a run was trained with (`workdir/config.json`),
+  with `image_size` and `folder_preprocessing` set to what the run chose
+  (dataset.json), so that they no longer depend on the data.
 
   Raises:
     UserError: if `workdir` has no config.json.
@@ -95,7 +116,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(
       f'No {CONFIG_FILE} in {workdir}; give the --workdir of a training run.'
     )
-  return ml_collections.ConfigDict(_tuples(values))
+  config = ml_collections.ConfigDict(_tuples(values))
+  info = load_dataset_info(workdir)
+  if info is not None:
+    config.image_size = info.image_size
+    if info.kind == 'folder':
+      config.folder_preprocessing = info.style
+  return config
 
 
 def load_dataset_info(workdir: str) -> datasets.DatasetInfo | None:
@@ -104,6 +131,38 @@ def load_dataset_info(workdir: str) -> datasets.DatasetInfo | None:
   if not path.exists():
     return None
   return datasets.DatasetInfo.from_json(json.loads(path.read_text()))
+
+
+def dataset_info(
+  workdir: str, config: ml_collections.ConfigDict
+) -> datasets.DatasetInfo:
+  """The run's saved dataset description, for evaluating its checkpoints on
+  the data of `config` (from `load_config(workdir)`) as they are now.
+
+  The number of training examples (and so the schedule, e.g. the snapshot
+  steps) stays the run's; the evaluation examples are today's (a changed
+  split is logged).
+
+  Raises:
+    UserError: if its class names differ from the run's (the model's
+      outputs would be read as other classes).
+  """
+  info = datasets.get_dataset_info(config)
+  saved = load_dataset_info(workdir)
+  if saved is None:
+    return info
+  if saved.class_names != info.class_names:
+    raise UserError(
+      f'{config.dataset} has other classes than the run in {workdir} was '
+      f'trained on ({_difference(saved.class_names, info.class_names)}); '
+      'evaluate on data with the same class folders.'
+    )
+  changes = _split_changes(workdir, saved, info, config)
+  if changes:
+    logging.warning(
+      'The data differ from the run in %s: %s.', workdir, '; '.join(changes)
+    )
+  return dataclasses.replace(saved, num_eval_examples=info.num_eval_examples)
 
 
 def apply_overrides(
@@ -133,7 +192,8 @@ def changed_run_keys(
   config: ml_collections.ConfigDict,
   info: datasets.DatasetInfo,
 ) -> list[str]:
-  """`RUN_KEYS` (and 'classes') whose saved values differ from these."""
+  """What differs from the saved run: `RUN_KEYS`, and in words the dataset's
+  classes, input size and image folder splits."""
   saved = _saved_values(workdir)
   if saved is None:
     return []
@@ -147,6 +207,53 @@ def changed_run_keys(
     if key in saved and key in current and saved[key] != current[key]
   ]
   saved_info = load_dataset_info(workdir)
-  if saved_info and saved_info.class_names != info.class_names:
-    changed.append('classes')
-  return changed
+  if saved_info is None:
+    return changed
+  if saved_info.class_names != info.class_names:
+    difference = _difference(saved_info.class_names, info.class_names)
+    changed.append(f'classes ({difference})')
+  shape = lambda i: f'{i.style} style at {i.image_size}x{i.image_size}'
+  if shape(saved_info) != shape(info):
+    changed.append(f'input ({shape(saved_info)}, now {shape(info)})')
+  return changed + _split_changes(workdir, saved_info, info, config)
+
+
+def _shown(names) -> str:
+  names = sorted(names)
+  more = ', ...' if len(names) > _SHOWN_FILES else ''
+  return f'{len(names):,}: ' + ', '.join(names[:_SHOWN_FILES]) + more
+
+
+def _difference(saved, current) -> str:
+  """'added N: a, b, ...; removed M: ...' between two collections of names."""
+  added, removed = set(current) - set(saved), set(saved) - set(current)
+  parts = [f'added {_shown(added)}'] * bool(added)
+  parts += [f'removed {_shown(removed)}'] * bool(removed)
+  return '; '.join(parts) or 'another order'
+
+
+def _saved_split_files(workdir: str) -> dict | None:
+  path = epath.Path(workdir) / SPLIT_FILES
+  if not path.exists():
+    return None
+  return json.loads(gzip.decompress(path.read_bytes()))
+
+
+def _split_changes(workdir, saved_info, info, config) -> list[str]:
+  """Image folder splits whose files differ from the saved ones, in words."""
+  saved = {split: rest for split, *rest in saved_info.split_fingerprints}
+  changed = [
+    (split, saved[split][0], count)
+    for split, count, digest in info.split_fingerprints
+    if split in saved and saved[split] != [count, digest]
+  ]
+  if not changed:
+    return []
+  saved_files, files = _saved_split_files(workdir), datasets.split_files(config)
+  changes = []
+  for split, saved_count, count in changed:
+    text = f'{split} images ({saved_count:,} files, now {count:,}'
+    if saved_files and split in saved_files:
+      text += '; ' + _difference(saved_files[split], files[split])
+    changes.append(text + ')')
+  return changes

@@ -264,7 +264,8 @@ def restore_train_state(
     UserError: for a bad config, a missing checkpoint or one that does not
       fit the configured model.
   """
-  return restore_checkpoint(create_experiment(config), workdir, which)
+  experiment = create_experiment(config, runs.load_dataset_info(workdir))
+  return restore_checkpoint(experiment, workdir, which)
 
 
 def restore_checkpoint(
@@ -286,8 +287,12 @@ def evaluate_checkpoint(
 
   Returns:
     `step` and the metrics of `evaluate`.
+
+  Raises:
+    UserError: for a bad config, a missing checkpoint, or data with other
+      classes than the run's (`runs.dataset_info`).
   """
-  experiment = create_experiment(config)
+  experiment = create_experiment(config, runs.dataset_info(workdir, config))
   state = restore_checkpoint(experiment, workdir, which)
   eval_iterable = input_pipeline.create_eval_iterable(config)
   results = evaluate(

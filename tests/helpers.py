@@ -4,6 +4,7 @@ data with split sizes, and a generated image folder."""
 import contextlib
 import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -48,6 +49,26 @@ def run_main(*argv) -> int:
   finally:
     sys.argv = saved_argv
   return 0
+
+
+def run_python(args, **env) -> tuple[int, str]:
+  """Runs Python with `args` in the repository (on CPU, `env` added);
+  returns (exit status, stdout and stderr)."""
+  result = subprocess.run(
+    [sys.executable, *map(str, args)],
+    cwd=REPO_ROOT,
+    env={
+      **os.environ,
+      'JAX_PLATFORMS': 'cpu',
+      'PYTHONPATH': str(REPO_ROOT),
+      **env,
+    },
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=TIMEOUT_S,
+  )
+  return result.returncode, result.stdout
 
 
 @contextlib.contextmanager
@@ -100,3 +121,41 @@ def half_write(workdir, step):
   path = checkpointing.checkpoint_dir(str(workdir)) / str(step) / 'default'
   path.mkdir(parents=True)
   (path / 'manifest.ocdbt').write_text('torn')
+
+
+def write_cifar10_archive(directory, per_file: int = 4) -> str:
+  """What TFDS extracts from CIFAR-10's download, with `per_file` random
+  images in each of the 5 training files and the test file; returns the
+  directory to hand to TFDS as the extracted archive."""
+  rng = np.random.default_rng(0)
+  batches = pathlib.Path(directory) / 'cifar-10-batches-bin'
+  batches.mkdir(parents=True)
+  names = 'airplane automobile bird cat deer dog frog horse ship truck'
+  (batches / 'batches.meta.txt').write_text('\n'.join(names.split()) + '\n')
+  for name in [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']:
+    labels = rng.integers(0, 10, (per_file, 1), np.uint8)
+    pixels = rng.integers(0, 256, (per_file, 3 * 32 * 32), np.uint8)
+    (batches / name).write_bytes(np.concatenate([labels, pixels], 1).tobytes())
+  return str(directory)
+
+
+@contextlib.contextmanager
+def fake_cifar10_download(archive: str, on_download=None):
+  """TFDS's CIFAR-10 download answered with `archive` (from
+  `write_cifar10_archive`), the download server taken as reachable;
+  `on_download(url)` is called at each download."""
+  from gunn_jax import downloads
+
+  def download_and_extract(manager, url):
+    if on_download is not None:
+      on_download(url)
+    return archive
+
+  manager = tfds.download.DownloadManager
+  saved = manager.download_and_extract, downloads._unreachable
+  manager.download_and_extract = download_and_extract
+  downloads._unreachable = lambda builder: None
+  try:
+    yield
+  finally:
+    manager.download_and_extract, downloads._unreachable = saved

@@ -251,7 +251,7 @@ def test_indivisible_batch_sizes_are_user_errors():
 
 @pytest.mark.parametrize('name', ['cifar10', 'imagenet2012'])
 def test_missing_tfds_dataset_is_a_user_error(tmp_path, name):
-  config = _config(dataset=name, data_dir=str(tmp_path))
+  config = _config(dataset=name, data_dir=str(tmp_path), download_data=False)
   with pytest.raises(errors.UserError, match='not prepared') as error:
     datasets.get_dataset_info(config)
   assert str(tmp_path) in str(error.value)

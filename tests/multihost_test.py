@@ -47,25 +47,6 @@ def main_args(workdir):
   ]
 
 
-def run(args, **env):
-  """Runs Python in the repository; returns (exit status, output)."""
-  result = subprocess.run(
-    [sys.executable, *args],
-    cwd=REPO_ROOT,
-    env={
-      **os.environ,
-      'JAX_PLATFORMS': 'cpu',
-      'PYTHONPATH': REPO_ROOT,
-      **env,
-    },
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-    timeout=helpers.TIMEOUT_S,
-  )
-  return result.returncode, result.stdout
-
-
 def start_hosts(workdir, **env):
   """Starts 2 processes x 2 devices one by one, without a launcher (as on a
   pod); returns [(exit status, output)] of each once both have ended."""
@@ -100,7 +81,7 @@ def start_hosts(workdir, **env):
 
 
 def launch(workdir, **env):
-  return run(
+  return helpers.run_python(
     [
       '-m',
       'gunn_jax.launch',
@@ -173,7 +154,7 @@ def resume_on(root, base, topology):
   env = dict(GUNN_TEST_DUMP_DIR=str(workdir))
   if processes == 1:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-    return workdir, run(main_args(workdir), **env)
+    return workdir, helpers.run_python(main_args(workdir), **env)
   launcher = [
     '-m',
     'gunn_jax.launch',
@@ -181,7 +162,7 @@ def resume_on(root, base, topology):
     f'--devices_per_process={devices}',
     '--',
   ]
-  return workdir, run([*launcher, *main_args(workdir)], **env)
+  return workdir, helpers.run_python([*launcher, *main_args(workdir)], **env)
 
 
 def train_records(workdir):
@@ -311,7 +292,7 @@ def gradients(tmp_path_factory):
   (root / 'multi').mkdir()
   (root / 'alone').mkdir()
   program = 'tests/multihost_gradients.py'
-  multi = run(
+  multi = helpers.run_python(
     [
       '-m',
       'gunn_jax.launch',
@@ -323,7 +304,7 @@ def gradients(tmp_path_factory):
     ]
   )
   assert multi[0] == 0, multi[1][-3000:]
-  alone = run(
+  alone = helpers.run_python(
     [program, str(root / 'alone'), '1', '4'],
     XLA_FLAGS='--xla_force_host_platform_device_count=4',
   )
@@ -350,7 +331,7 @@ def float64_runs(tmp_path_factory):
   for processes, devices, late_s in ((2, 2, 0), (4, 1, 35)):
     out = root / f'{processes}x{devices}'
     out.mkdir()
-    status, output = run(
+    status, output = helpers.run_python(
       [
         '-m',
         'gunn_jax.launch',
@@ -364,7 +345,7 @@ def float64_runs(tmp_path_factory):
     )
     assert status == 0, output[-3000:]
   (root / 'alone').mkdir()
-  status, output = run(
+  status, output = helpers.run_python(
     [program, str(root / 'alone'), '1', '4'],
     XLA_FLAGS='--xla_force_host_platform_device_count=4',
   )

@@ -110,6 +110,96 @@ def test_classify_without_the_dataset(folder_run, tmp_path, capsys):
     os.rename(moved, folder_run['root'])
 
 
+@pytest.fixture(scope='module')
+def changed_folder_run(tmp_path_factory):
+  """A snapshot run on a folder of small images at `image_size=0` (CIFAR
+  style at 16x16), whose training split then received 30 large images: now
+  `auto` would choose ImageNet style at 224x224."""
+  root = tmp_path_factory.mktemp('changing')
+  helpers.write_colour_folder(root)
+  workdir = tmp_path_factory.mktemp('run')
+  argv = [
+    f'--config={TINY}',
+    f'--workdir={workdir}',
+    f'--config.dataset=folder:{root}',
+    '--config.image_size=0',
+    '--config.lr_schedule=snapshot',
+    '--config.snapshot_cycles=2',
+    '--config.num_train_steps=4',
+    '--config.eval_every_steps=2',
+    '--config.batch_size=8',
+  ]
+  assert helpers.run_main(*argv) == 0
+  for i in range(30):
+    Image.fromarray(np.full((80, 80, 3), 200, np.uint8)).save(
+      root / 'train' / COLOURS[i % 3] / f'large{i:02}.png'
+    )
+  return {'root': root, 'workdir': str(workdir), 'argv': argv}
+
+
+def _eval_metrics(workdir) -> dict:
+  """{step: metrics} of the evaluations in workdir/metrics.jsonl."""
+  lines = open(os.path.join(workdir, 'metrics.jsonl'))
+  evals = [json.loads(line) for line in lines if '"eval"' in line]
+  return {values['step']: values for values in evals}
+
+
+def test_resume_on_a_changed_folder_is_refused(changed_folder_run, capsys):
+  workdir = changed_folder_run['workdir']
+  saved = {
+    name: open(os.path.join(workdir, name), 'rb').read()
+    for name in (runs.CONFIG_FILE, runs.DATASET_FILE, runs.SPLIT_FILES)
+  }
+  steps = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  capsys.readouterr()
+  assert helpers.run_main(*changed_folder_run['argv']) == 2
+  error = capsys.readouterr().err
+  assert error == (
+    f'error: {workdir} holds a run with different input (cifar style at '
+    '16x16, now imagenet style at 224x224), train images '
+    '(24 files, now 54; added 30: blue/large00.png, blue/large03.png, '
+    'blue/large06.png, ...) (see '
+    f'{workdir}/config.json); use another --workdir, or resume it anyway '
+    'with --allow_config_change.\n'
+  )
+  for name, data in saved.items():
+    assert open(os.path.join(workdir, name), 'rb').read() == data
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == steps
+
+
+@pytest.mark.slow
+def test_consumers_use_the_saved_dataset(changed_folder_run, capsys):
+  """--mode=eval, the snapshot ensemble and the singularities evaluate as
+  the run did (CIFAR style at 16x16), not as the changed folder would now
+  be read; data with other classes are refused."""
+  workdir = changed_folder_run['workdir']
+  config = runs.load_config(workdir)
+  assert (config.image_size, config.folder_preprocessing) == (16, 'cifar')
+  evals = _eval_metrics(workdir)
+  capsys.readouterr()
+  assert helpers.run_main(f'--workdir={workdir}', '--mode=eval') == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed['loss'] == pytest.approx(evals[4]['loss'], rel=1e-5)
+  assert tools.main(['ensemble', f'--workdir={workdir}']) == 0
+  *snapshots, _ = map(json.loads, capsys.readouterr().out.splitlines())
+  assert [s['step'] for s in snapshots] == [2, 4]
+  for snapshot in snapshots:
+    assert snapshot['top1_error'] == evals[snapshot['step']]['top1_error']
+  figure = os.path.join(workdir, 'singularities.png')
+  assert tools.main(['singularities', f'--workdir={workdir}']) == 0
+  assert os.path.exists(figure)
+  root = changed_folder_run['root']
+  os.rename(root / 'train' / 'red', root / 'train' / 'scarlet')
+  try:
+    capsys.readouterr()
+    assert helpers.run_main(f'--workdir={workdir}', '--mode=eval') == 2
+    error = capsys.readouterr().err
+    assert 'has other classes than the run' in error
+    assert 'added 1: scarlet; removed 1: red' in error
+  finally:
+    os.rename(root / 'train' / 'scarlet', root / 'train' / 'red')
+
+
 @pytest.mark.parametrize('change', ['model', 'dataset'])
 def test_resume_with_other_model_or_data_is_refused(tmp_path, capsys, change):
   workdir = tmp_path / 'run'
@@ -125,7 +215,10 @@ def test_resume_with_other_model_or_data_is_refused(tmp_path, capsys, change):
       f'--config.dataset=folder:{tmp_path / "colours"}',
       '--config.learning_rate=0.2',
     ]
-    named = 'dataset, learning_rate, classes'
+    named = (
+      'dataset, learning_rate, classes (added 3: blue, green, red; removed '
+      '10: 0, 1, 2, ...)'
+    )
   capsys.readouterr()
   assert helpers.run_main(*argv, '--config.num_train_steps=2', *overrides) == 2
   error = capsys.readouterr().err
@@ -158,7 +251,9 @@ def test_changed_classes_are_named(tmp_path):
   renamed = info.__class__(
     **{**info.to_json(), 'class_names': tuple('abcdefghij')}
   )
-  assert runs.changed_run_keys(workdir, config, renamed) == ['classes']
+  assert runs.changed_run_keys(workdir, config, renamed) == [
+    'classes (added 10: a, b, c, ...; removed 10: 0, 1, 2, ...)'
+  ]
   assert runs.changed_run_keys(workdir, config, info) == []
 
 
