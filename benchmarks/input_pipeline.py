@@ -7,12 +7,24 @@ CIFAR-shaped throughput without CIFAR on disk: `--dataset digits
 normalise/flip/pad-crop/roll on 32x32x3 images); only the source differs.
 Any config dataset works, e.g. `--dataset cifar10 --data_dir DIR` or
 `--dataset folder:/path/to/root`.
+
+ImageNet read by index (ArrayRecord) against streamed (TFRecord), on the
+same generated JPEGs (`benchmarks/fake_imagenet.py`):
+
+  python -m benchmarks.input_pipeline --imagenet_compare 2048
+
+prints, per format, decoded and augmented 224x224 images/s (and per core),
+and the seconds to the first batch of a run started at step 0 and of one
+resumed late in the first epoch.
 """
 
 import argparse
 import itertools
+import os
+import tempfile
 import time
 
+from benchmarks import fake_imagenet
 from configs import base
 from gunn_jax import input_pipeline
 
@@ -38,6 +50,49 @@ def measure_train_throughput(config, num_batches=200, warmup=20) -> float:
   return images / (time.perf_counter() - start)
 
 
+def seconds_to_first_batch(config, start_step: int) -> float:
+  """Seconds from creating the training iterator at `start_step` to its
+  first batch."""
+  start = time.perf_counter()
+  next(input_pipeline.create_train_iterator(config, start_step=start_step))
+  return time.perf_counter() - start
+
+
+def compare_imagenet_formats(
+  num_images: int, batch_size: int, shape=(300, 400), num_batches: int = 24
+) -> list[dict]:
+  """Random access against streaming on the same `num_images` JPEGs of
+  `shape`; one row per format."""
+  rows = []
+  with tempfile.TemporaryDirectory() as root:
+    for file_format in ('array_record', 'tfrecord'):
+      data_dir = os.path.join(root, file_format)
+      sizes = {'train': num_images, 'validation': batch_size}
+      fake_imagenet.write(data_dir, sizes, file_format, shape)
+      config = base.get_config()
+      config.update(
+        dataset='imagenet2012',
+        data_dir=data_dir,
+        download_data=False,
+        batch_size=batch_size,
+        image_size=224,
+      )
+      rate = measure_train_throughput(config, num_batches, warmup=4)
+      late_step = int(0.9 * num_images) // batch_size
+      rows.append(
+        {
+          'format': file_format,
+          'images/s': rate,
+          'images/s per core': rate / os.cpu_count(),
+          'first batch at step 0 (s)': seconds_to_first_batch(config, 0),
+          f'first batch at step {late_step} (s)': seconds_to_first_batch(
+            config, late_step
+          ),
+        }
+      )
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
@@ -61,7 +116,21 @@ def main():
   parser.add_argument(
     '--warmup', type=int, default=20, help='Batches before timing.'
   )
+  parser.add_argument(
+    '--imagenet_compare',
+    type=int,
+    default=0,
+    help='Compare ImageNet in ArrayRecord and TFRecord on this many images.',
+  )
   args = parser.parse_args()
+  if args.imagenet_compare:
+    rows = compare_imagenet_formats(args.imagenet_compare, args.batch_size)
+    for row in rows:
+      values = [
+        f'{key} {value:.3g}' for key, value in row.items() if key != 'format'
+      ]
+      print(row['format'] + ': ' + ', '.join(values))
+    return
   config = base.get_config()
   config.dataset = args.dataset
   config.batch_size = args.batch_size

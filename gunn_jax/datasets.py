@@ -110,6 +110,35 @@ class Split:
 
   data: np.ndarray
   labels: np.ndarray
+  encoded = False  # `take` gives images or paths, not encoded bytes.
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(data [n, ...], int32 labels [n]) of the examples at `indices`."""
+    return self.data[indices], self.labels[indices]
+
+
+class RecordSplit:
+  """A TFDS split in ArrayRecord, read by index: `take` gives encoded
+  images (object array of bytes, decoded by `decode(..., encoded=True)`)
+  and labels, reading only the records asked for."""
+
+  encoded = True
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    records = self._source.__getitems__([int(i) for i in indices])
+    images = np.empty(len(records), object)
+    images[:] = [record['image'] for record in records]
+    labels = np.array([record['label'] for record in records], np.int32)
+    return images, labels
 
 
 def _folder_root(config) -> str:
@@ -284,12 +313,16 @@ def _read_file(info: DatasetInfo, path) -> np.ndarray:
   return image
 
 
-def decode(info: DatasetInfo, data) -> tf.Tensor:
-  """Maps a split's element (uint8 image or file path) to a uint8 image.
+def decode(info: DatasetInfo, data, encoded: bool = False) -> tf.Tensor:
+  """Maps a split's element (uint8 image, file path, or with `encoded` an
+  encoded image) to a uint8 image [h, w, 3].
 
   Files are decoded with PIL (`folders.read_rgb`); CIFAR-style images are
-  resized to `info.image_size` squares.
+  resized to `info.image_size` squares. Encoded images (TFDS's JPEGs) are
+  decoded by TensorFlow.
   """
+  if encoded:
+    return tf.io.decode_image(data, channels=3, expand_animations=False)
   if data.dtype != tf.string:
     return data
   image = tf.numpy_function(
@@ -315,16 +348,30 @@ def _read_files(info: DatasetInfo, paths: np.ndarray) -> np.ndarray:
     return np.stack(list(pool.map(functools.partial(_read_file, info), paths)))
 
 
-def load_split(info: DatasetInfo, config, train: bool) -> Split:
-  """Loads an index-addressable split (all datasets but imagenet2012).
+def random_access(info: DatasetInfo, config) -> bool:
+  """Whether ImageNet is prepared in ArrayRecord (read by index), rather
+  than TFRecord (streamed)."""
+  builder = tfds_builder(info.name, config.data_dir)
+  return builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
+
+def load_split(info: DatasetInfo, config, train: bool) -> Split | RecordSplit:
+  """Loads an index-addressable split.
 
   Image folders give file paths, except CIFAR-style folders with
-  `config.cache`, which are decoded into memory once.
+  `config.cache`, which are decoded into memory once. ImageNet must be in
+  ArrayRecord (`random_access`); its records are read when asked for.
   """
   if info.kind == 'digits':
     return _digits(info.image_size)[0 if train else 1]
+  split = TFDS_SPLITS.get(info.name, ('',) * 2)[not train]
+  if info.name == 'imagenet2012':
+    source = tfds_builder(info.name, config.data_dir).as_data_source(
+      split=split, decoders={'image': tfds.decode.SkipDecoding()}
+    )
+    return RecordSplit(source)
   if info.kind == 'tfds':
-    return _load_tfds_split(info, config, TFDS_SPLITS[info.name][not train])
+    return _load_tfds_split(info, config, split)
   folder = _scan(config)
   paths = folder.train_paths if train else folder.val_paths
   labels = folder.train_labels if train else folder.val_labels

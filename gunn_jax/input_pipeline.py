@@ -2,21 +2,30 @@
 
 `config.dataset` names the data (see `datasets.py`).
 
-Training order (CIFAR, digits, folders): the stream of example indices is the
-concatenation of per-epoch permutations seeded by (seed, epoch); global step s
-takes positions [s*B, (s+1)*B), wrapping across epochs (nothing is dropped),
-and process p takes the contiguous slice [p*b, (p+1)*b) of it. Augmentation is
-keyed by (seed, step, position in the global batch). Batches are therefore
-independent of the process count, and a resumed run needs no replay.
+Training order (CIFAR, digits, folders, ImageNet in ArrayRecord): the stream
+of example indices is the concatenation of per-epoch permutations seeded by
+(seed, epoch) (`global_batch_indices`); global step s takes positions
+[s*B, (s+1)*B), wrapping across epochs (nothing is dropped), and process p
+takes the contiguous slice [p*b, (p+1)*b) of it, and reads and decodes only
+those examples (`datasets.Split.take`). Augmentation is keyed by (seed, step,
+position in the global batch). Batches are therefore independent of the
+process count, and a resumed run starts at its step with no replay.
 CIFAR/digits (and CIFAR-style folders with `config.cache`) are decoded into
-host memory once; other folders are decoded from their files at every use.
+host memory once; other folders are decoded from their files at every use,
+and ImageNet from its records (`tfds.data_source`).
 
-ImageNet (TFDS) is streamed: each process reads
-`tfds.split_for_jax_process('train')`, shuffled per epoch with a seed from
-(seed, epoch, process), and drops its epoch's incomplete last batch; resuming
-at step s re-reads (without decoding) the skipped part of the current epoch,
-up to one epoch of each process's shard. Its order depends on the process
-count.
+This is plain index arithmetic over TFDS's data source rather than Grain:
+the order, the slices and the augmentation keys must be the ones the
+in-memory datasets already use, and tf.data already runs the decoding and
+augmentation in parallel; Grain would add a second pipeline library.
+
+ImageNet prepared as TFRecord (TFDS's default) cannot be read by index and
+is streamed: each process reads `tfds.split_for_jax_process('train')`,
+shuffled per epoch with a seed from (seed, epoch, process), and drops its
+epoch's incomplete last batch; resuming at step s re-reads (without
+decoding) the skipped part of the current epoch, up to one epoch of each
+process's shard. Its order depends on the process count (a log line says
+so, and how to prepare ArrayRecord).
 
 Evaluation: process p takes a contiguous part of the (first
 `max_eval_examples`) evaluation examples; every process yields the same
@@ -82,7 +91,7 @@ def _map_fns(info: datasets.DatasetInfo, config, split, train: bool):
     eval_fn = _imagenet_eval_fn(info, config.ten_crop)
 
     def per_example(example):
-      image = datasets.decode(info, example['data'])
+      image = datasets.decode(info, example['data'], split.encoded)
       if not train:
         return _outputs(example, eval_fn(image))
       slot, step = example['slot'], example['step']
@@ -111,9 +120,10 @@ def _map_fns(info: datasets.DatasetInfo, config, split, train: bool):
 
   decode = lambda example: {
     **example,
-    'data': datasets.decode(info, example['data']),
+    'data': datasets.decode(info, example['data'], split.encoded),
   }
-  return (decode if split.data.dtype.kind == 'U' else None), per_batch
+  files = split.encoded or split.data.dtype.kind == 'U'
+  return (decode if files else None), per_batch
 
 
 @functools.lru_cache(maxsize=4)
@@ -168,7 +178,7 @@ def _from_host_batches(batches, first: dict, fns, batch_size: int):
   signature = {
     k: tf.TensorSpec(
       (batch_size, *v.shape[1:]),
-      tf.string if v.dtype.kind == 'U' else tf.as_dtype(v.dtype),
+      tf.string if v.dtype.kind in 'UO' else tf.as_dtype(v.dtype),
     )
     for k, v in first.items()
   }
@@ -182,18 +192,19 @@ def _from_host_batches(batches, first: dict, fns, batch_size: int):
   return ds.prefetch(_AUTOTUNE).with_options(_options())
 
 
-def _in_memory_train(info, config, start_step, index, count, batch_size):
+def _indexed_train(info, config, start_step, index, count, batch_size):
   del count  # The order does not depend on it.
   split = datasets.load_split(info, config, train=True)
-  n = len(split.labels)
   slots = index * batch_size + np.arange(batch_size)
 
   def host_batch(step):
-    indices = global_batch_indices(n, config.batch_size, config.seed, step)
-    indices = indices[slots]
+    indices = global_batch_indices(
+      len(split), config.batch_size, config.seed, step
+    )
+    data, labels = split.take(indices[slots])
     return {
-      'data': split.data[indices],
-      'label': split.labels[indices],
+      'data': data,
+      'label': labels,
       'step': np.full(batch_size, step, np.int64),
       'slot': slots,
     }
@@ -237,9 +248,7 @@ def _imagenet_train(info, config, start_step, index, count, batch_size):
     def fn(position, example):
       step = epoch * steps_per_epoch + position // batch_size
       slot = index * batch_size + position % batch_size
-      image = tf.io.decode_image(
-        example['image'], channels=3, expand_animations=False
-      )
+      image = datasets.decode(info, example['image'], encoded=True)
       rng = preprocessing.example_rng(config.seed, step, slot)
       return {
         'images': train_fn(image, rng),
@@ -289,9 +298,16 @@ def create_train_iterator(
     start_step,
   )
   args = (info, config, start_step, index, count, batch_size)
-  if info.name == 'imagenet2012':
+  if info.name == 'imagenet2012' and not datasets.random_access(info, config):
+    logging.info(
+      '%s is in TFRecord: streamed, each process its own shard, so the order '
+      'depends on the process count and a resume re-reads up to an epoch. '
+      'For one global order prepare ArrayRecord: `tfds build %s '
+      '--file_format=array_record --data_dir=DIR`.',
+      *(info.name, info.name),
+    )
     return _imagenet_train(*args)
-  return _in_memory_train(*args)
+  return _indexed_train(*args)
 
 
 class _EvalIterable:
@@ -371,7 +387,7 @@ def create_eval_iterable(
     math.ceil(info.num_eval_examples / count) / batch_size
   )
   total = num_batches * batch_size
-  if info.name == 'imagenet2012':
+  if info.name == 'imagenet2012' and not datasets.random_access(info, config):
     ds = _imagenet_eval(info, config, index, count)
     ds = ds.concatenate(
       tf.data.Dataset.from_tensors(_padding(info, config)).repeat()
@@ -385,11 +401,8 @@ def create_eval_iterable(
 
   def host_batch(i):
     part = slice(i * batch_size, (i + 1) * batch_size)
-    return {
-      'data': split.data[indices[part]],
-      'label': split.labels[indices[part]],
-      'mask': mask[part],
-    }
+    data, labels = split.take(indices[part])
+    return {'data': data, 'label': labels, 'mask': mask[part]}
 
   batches = lambda: map(host_batch, range(num_batches))
   fns = _map_fns(info, config, split, train=False)

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from sklearn import datasets as sklearn_datasets
 
+from benchmarks import fake_imagenet
 from configs import base
 from gunn_jax import datasets, errors, input_pipeline, preprocessing
 
@@ -319,6 +320,47 @@ def test_mocked_imagenet(tmp_path):
     )
   assert len(batches) == 1
   assert batches[0]['images'].shape == (2, 10, 24, 24, 3)
+
+
+def _steps(config, start, num, process_count):
+  """Global batches of `num` steps from `start`, the processes' host
+  batches concatenated."""
+  hosts = [
+    _take(
+      input_pipeline.create_train_iterator(
+        config, start_step=start, process_index=p, process_count=process_count
+      ),
+      num,
+    )
+    for p in range(process_count)
+  ]
+  return [
+    {k: np.concatenate([h[i][k] for h in hosts]) for k in ('images', 'labels')}
+    for i in range(num)
+  ]
+
+
+def test_imagenet_in_array_record_has_one_global_order(tmp_path):
+  """Read by index: every example once per epoch, the same global batches
+  (ids and augmented pixels) on 1, 2 and 4 processes, and a run resumed on
+  another process count continues the order."""
+  fake_imagenet.write(tmp_path, {'train': 20, 'validation': 6})
+  config = _imagenet_config(tmp_path)
+  one = _steps(config, 0, 8, 1)  # 5 steps per epoch.
+  ids = np.concatenate([batch['labels'] for batch in one])
+  assert sorted(ids[:20]) == list(range(20))
+  assert ids[:20].tolist() != list(range(20))
+  assert one[0]['images'].shape == (4, 24, 24, 3)
+  for start, count in ((3, 2), (5, 4), (6, 1)):
+    for ours, theirs in zip(_steps(config, start, 2, count), one[start:]):
+      np.testing.assert_array_equal(ours['labels'], theirs['labels'])
+      np.testing.assert_array_equal(ours['images'], theirs['images'])
+  evaluation = input_pipeline.create_eval_iterable(
+    config, process_index=1, process_count=2
+  )
+  batches = list(evaluation)
+  assert [b['mask'].sum() for b in batches] == [2, 1]
+  assert batches[0]['labels'].tolist() == [3, 4]
 
 
 def test_every_pipeline_runs_without_autotuning(tmp_path, monkeypatch):
