@@ -11,11 +11,16 @@ Any config dataset works, e.g. `--dataset cifar10 --data_dir DIR` or
 ImageNet read by index (ArrayRecord) against streamed (TFRecord), on the
 same generated JPEGs (`benchmarks/fake_imagenet.py`):
 
-  python -m benchmarks.input_pipeline --imagenet_compare 2048
+  python -m benchmarks.input_pipeline --imagenet_compare 4096
+  python -m benchmarks.input_pipeline --imagenet_compare 65536 \
+      --imagenet_shape 48x64
 
 prints, per format, decoded and augmented 224x224 images/s (and per core),
 and the seconds to the first batch of a run started at step 0 and of one
-resumed late in the first epoch.
+resumed late (90%) in the first epoch. The streamed path fills its shuffle
+buffer (`config.shuffle_buffer_size`, 16,384) before its first batch, so
+only an epoch longer than that shows what a resume costs it: the second
+command, with small images.
 """
 
 import argparse
@@ -122,9 +127,17 @@ def main():
     default=0,
     help='Compare ImageNet in ArrayRecord and TFRecord on this many images.',
   )
+  parser.add_argument(
+    '--imagenet_shape',
+    default='300x400',
+    help='HxW of the generated images of --imagenet_compare.',
+  )
   args = parser.parse_args()
   if args.imagenet_compare:
-    rows = compare_imagenet_formats(args.imagenet_compare, args.batch_size)
+    shape = tuple(int(side) for side in args.imagenet_shape.split('x'))
+    rows = compare_imagenet_formats(
+      args.imagenet_compare, args.batch_size, shape
+    )
     for row in rows:
       values = [
         f'{key} {value:.3g}' for key, value in row.items() if key != 'format'

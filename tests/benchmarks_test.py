@@ -6,7 +6,7 @@ import math
 import jax
 import pytest
 
-from benchmarks import profile, run
+from benchmarks import input_pipeline, profile, run
 
 _TRAIN_FLOATS = (
   'step_ms_median',
@@ -171,3 +171,19 @@ def test_tiny_run_writes_json(tmp_path, capsys):
   table = capsys.readouterr().out
   assert '| model | variant | dtype |' in table
   assert '| digits | input_pipeline | float32 | 4 | 16 | - |' in table
+
+
+def test_imagenet_formats_are_compared_on_the_same_images():
+  rows = input_pipeline.compare_imagenet_formats(
+    64, batch_size=8, shape=(32, 40), num_batches=2
+  )
+  assert [row['format'] for row in rows] == ['array_record', 'tfrecord']
+  for row in rows:
+    assert row.keys() == {
+      'format',
+      'images/s',
+      'images/s per core',
+      'first batch at step 0 (s)',
+      'first batch at step 7 (s)',
+    }
+    assert all(v > 0 for k, v in row.items() if k != 'format')
