@@ -165,17 +165,14 @@ def _scan(config) -> folders.FolderScan:
   )
 
 
-def tfds_builder(name: str, data_dir: str | None):
-  """Returns the prepared TFDS builder or raises a one-line UserError."""
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    root = os.path.dirname(os.path.dirname(builder.data_dir))
-    raise errors.UserError(
-      f'TFDS dataset {name} is not prepared in {root}; on a machine '
-      f'with internet run `tfds build {name} --data_dir=DIR` (ImageNet '
-      'needs its manual download) and set config.data_dir=DIR.'
-    )
-  return builder
+def tfds_builder(name: str, data_dir: str | None, download: bool = False):
+  """Returns the prepared TFDS builder; with `download`, CIFAR is downloaded
+  and prepared first if missing (`downloads.prepare`).
+
+  Raises:
+    errors.UserError: (one line) the data are missing and not downloaded.
+  """
+  return downloads.prepare(name, data_dir, download)
 
 
 def split_size(builder, split: str) -> int:
@@ -257,7 +254,7 @@ def get_dataset_info(config) -> DatasetInfo:
   """
   dataset = config.dataset
   if dataset in TFDS_SPLITS:
-    builder = downloads.prepare(
+    builder = tfds_builder(
       dataset, config.data_dir, config.get('download_data', True)
     )
     style = 'imagenet' if dataset == 'imagenet2012' else 'cifar'

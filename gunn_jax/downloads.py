@@ -104,7 +104,7 @@ def _not_downloadable(builder, name: str, download: bool) -> str | None:
   return None
 
 
-def prepare(name: str, data_dir: str | None, download: bool = True):
+def prepare(name: str, data_dir: str | None, download: bool):
   """Returns the TFDS builder of `name`, prepared (see the module docstring).
 
   Raises:
@@ -114,7 +114,7 @@ def prepare(name: str, data_dir: str | None, download: bool = True):
   key = f'gunn_jax/tfds/{name}'
   first = jax.process_index() == 0
   if builder.is_prepared():
-    if first:
+    if first and download:
       distributed.share(key, _READY)
     return builder
   error = _not_downloadable(builder, name, download)

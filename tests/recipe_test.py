@@ -533,6 +533,7 @@ class FakeImageNet:
     self.info = types.SimpleNamespace(
       features={'label': types.SimpleNamespace(names=['a', 'b', 'c'])},
       splits=self,
+      file_format=tfds.core.FileFormat.TFRECORD,  # Streamed.
     )
 
   def _ranges(self, split):
@@ -565,7 +566,7 @@ class FakeImageNet:
 
 def test_imagenet_tfds_batches_follow_the_recipe(monkeypatch):
   fake = FakeImageNet({'train': 8, 'validation': 5})
-  monkeypatch.setattr(datasets, 'tfds_builder', lambda name, data_dir: fake)
+  monkeypatch.setattr(datasets, 'tfds_builder', lambda *args, **kwargs: fake)
   config = config_with(
     dataset='imagenet2012',
     image_size=8,
