@@ -22,10 +22,13 @@ eight minutes on one accelerator:
    256 against the same case in 2.: BatchNorm statistics in the fixed order
    (`bn_statistics='fixed_order'`, against 'auto', which is XLA's
    reductions off the CPU) and the unit scans unrolled 2 and 4 times
-   (`scan_unroll`). Each record names its `options`; the closing lines give
-   GUNN/SUNN step-time ratios and each option's time against the default.
-   (Data on the device against tf.data needs TensorFlow: `benchmarks/loop.py`
-   and `benchmarks/run.py` measure the input side where it is installed.)
+   (`scan_unroll`), and the batches made inside the step from a uint8
+   CIFAR-10-sized training set on the devices (`input_placement='device'`:
+   host draws, transfer, gather and augmentation; the default gets
+   ready-made batches). Each record names its `options`; the closing lines
+   give GUNN/SUNN step-time ratios and each option's time against the
+   default. Where TensorFlow is installed, a last line gives tf.data's
+   images/s on this host for the same CIFAR-shaped batches.
 
 Every record has the step time (median), images/s, compile time, memory,
 `forward_flops_per_image`, `model_flops_per_step`, `achieved_tflops` and
@@ -51,7 +54,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from gunn_jax import digits, flops, models, optimization, sharding, steps
+from gunn_jax import (
+  device_input,
+  digits,
+  flops,
+  models,
+  optimization,
+  sharding,
+  steps,
+)
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # (network, activation dtype, per-device batch, image side, model options).
@@ -69,6 +80,7 @@ CASES = (
       {'bn_statistics': 'fixed_order'},
       {'scan_unroll': 2},
       {'scan_unroll': 4},
+      {'input_placement': 'device'},
     )
   )
 )
@@ -77,7 +89,10 @@ QUICK_CASES = (
   ('sunn_tiny', 'float32', 4, 8, {}),
   ('gunn_tiny', 'float32', 4, 8, {'bn_statistics': 'xla'}),
   ('gunn_tiny', 'float32', 4, 8, {'scan_unroll': 2}),
+  ('gunn_tiny', 'float32', 4, 8, {'input_placement': 'device'}),
 )
+# `input_placement='device'`: a CIFAR-10-sized uint8 training set.
+_DEVICE_TRAIN_SET = 50_000
 
 # The optimiser settings of `configs/base.py` and the quickstart's of
 # `configs/quickstart.py`, written out because this module must not import
@@ -141,27 +156,76 @@ def _memory(compiled) -> dict:
   return {'memory_bytes': total, 'memory': 'xla_estimate'}
 
 
+def _device_input_step(program, state, batch_size, image_size, num_classes):
+  """The train step on a uint8 training set kept on the devices.
+
+  Each call draws the next step's indices and augmentation parameters on
+  the host, sends them, and gathers and augments on the devices
+  (`gunn_jax/device_input.py`), as `train.py` does.
+
+  Returns:
+    (`step_fn(state, unused) -> (state, metrics)`, the compiled step,
+    compile seconds).
+  """
+  mesh = program.mesh
+  num_examples = _DEVICE_TRAIN_SET if jax.default_backend() != 'cpu' else 256
+  rng = np.random.default_rng(0)
+  data = device_input.put_on_devices(
+    rng.integers(0, 256, (num_examples, image_size, image_size, 3), np.uint8),
+    rng.integers(0, num_classes, num_examples),
+    mesh,
+  )
+  info = types.SimpleNamespace(
+    num_train_examples=num_examples,
+    image_size=image_size,
+    mean=(125.3, 123.0, 113.9),
+    std=(63.0, 62.1, 66.7),
+  )
+  config = types.SimpleNamespace(
+    seed=0, batch_size=batch_size, roll_augmentation=True
+  )
+  batches = sharding.global_batches(
+    device_input.host_batches(info, config, 0, 0, 1), mesh, 2
+  )
+  jitted = device_input.jit_train_step(steps.train_step, mesh, info)
+  start = time.perf_counter()
+  compiled = jitted.lower(state, data, next(batches)).compile()
+  compile_s = time.perf_counter() - start
+  step_fn = lambda state, _: compiled(state, data, next(batches))
+  return step_fn, compiled, compile_s
+
+
 def measure_step(
   name, dtype, per_device_batch, image_size, options, num_steps, warmup
 ):
   """Compiles and times one network's train step; returns a record.
 
-  `options` are `models.create_model` overrides (e.g. `scan_unroll`).
+  `options` are `models.create_model` overrides (e.g. `scan_unroll`), or
+  `input_placement='device'`: the batches are made on the devices from a
+  uint8 training set there (`_device_input_step`), not given ready-made.
   """
   imagenet = models.MODELS[name].get('imagenet_stem', False)
   num_classes = 1000 if imagenet else 10
-  model = models.create_model(name, num_classes, dtype=DTYPES[dtype], **options)
+  model_options = {k: v for k, v in options.items() if k != 'input_placement'}
+  model = models.create_model(
+    name, num_classes, dtype=DTYPES[dtype], **model_options
+  )
   batch_size = per_device_batch * jax.device_count()
   image_shape = (image_size, image_size, 3)
   mesh = sharding.create_mesh()
   program = _program(model, BASE, image_shape, _NUM_TRAIN_EXAMPLES, mesh)
   state = program.create_state(seed=0)
   batch = timing.random_batch(mesh, batch_size, image_shape, num_classes)
-  start = time.perf_counter()
-  compiled = program.train_step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  if options.get('input_placement') == 'device':
+    step_fn, compiled, compile_s = _device_input_step(
+      program, state, batch_size, image_size, num_classes
+    )
+  else:
+    start = time.perf_counter()
+    compiled = step_fn = program.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
   state, metrics, times = timing.time_steps(
-    compiled, state, batch, num_steps, warmup
+    step_fn, state, batch, num_steps, warmup
   )
   loss = float(metrics['loss'])
   if not np.isfinite(loss):
@@ -402,7 +466,24 @@ def main(argv=None) -> list[dict]:
     records, table, args.json, time.perf_counter() - start
   )
   print('\n'.join(comparisons(records)))
+  print(tf_data_line(256 if not args.quick else 8))
   return records
+
+
+def tf_data_line(batch_size: int) -> str:
+  """tf.data's CIFAR-style training images/s here, if TensorFlow exists."""
+  try:
+    from benchmarks import input_pipeline
+    from configs import base
+  except ImportError:
+    return 'tf.data: not measured (needs TensorFlow, TFDS and ml_collections).'
+  config = base.get_config()
+  config.update(dataset='digits', image_size=32, batch_size=batch_size)
+  rate = input_pipeline.measure_train_throughput(config, 50, warmup=5)
+  return (
+    f'tf.data, 32x32 digits, batch {batch_size}, augmented on this host: '
+    f'{rate:.0f} images/s'
+  )
 
 
 if __name__ == '__main__':

@@ -2,6 +2,11 @@
 
   python -m benchmarks.input_pipeline --dataset digits --batch_size 64
 
+prints the images/s of tf.data (`input_pipeline.py`) and, for in-memory
+datasets, of the batches made on the default JAX device from the training
+set kept there (`device_input.py`: host draws, transfer, gather and
+augmentation, until the last batch is ready).
+
 CIFAR-shaped throughput without CIFAR on disk: `--dataset digits
 --image_size 32` runs the same in-memory path as CIFAR (gather, batched
 normalise/flip/pad-crop/roll on 32x32x3 images); only the source differs.
@@ -29,9 +34,17 @@ import os
 import tempfile
 import time
 
+import jax
+
 from benchmarks import fake_imagenet
 from configs import base
-from gunn_jax import input_pipeline
+from gunn_jax import (
+  augmentation,
+  datasets,
+  device_input,
+  input_pipeline,
+  sharding,
+)
 
 
 def measure_train_throughput(config, num_batches=200, warmup=20) -> float:
@@ -53,6 +66,38 @@ def measure_train_throughput(config, num_batches=200, warmup=20) -> float:
     len(batch['labels']) for batch in itertools.islice(iterator, num_batches)
   )
   return images / (time.perf_counter() - start)
+
+
+def measure_device_throughput(config, num_batches=200, warmup=20) -> float:
+  """Returns training images per second made on the devices.
+
+  The training set sits on the devices (`device_input.put_on_devices`);
+  each batch is the host's draws, their transfer and the jitted gather and
+  augmentation (`device_input.make_batch`), timed until the last is ready.
+  """
+  info = datasets.get_dataset_info(config)
+  split = datasets.load_split(info, config, train=True)
+  mesh = sharding.create_mesh()
+  data = device_input.put_on_devices(split.data, split.labels, mesh)
+  pad = augmentation.crop_padding(info.image_size)
+  make = jax.jit(
+    lambda batch: device_input.make_batch(
+      data, batch['draws'], mean=info.mean, std=info.std, pad=pad
+    )
+  )
+  batches = sharding.global_batches(
+    device_input.host_batches(info, config, 0, 0, 1),
+    mesh,
+    config.prefetch_batches,
+  )
+  for batch in itertools.islice(batches, warmup):
+    jax.block_until_ready(make(batch))
+  start = time.perf_counter()
+  for batch in itertools.islice(batches, num_batches):
+    out = make(batch)
+  jax.block_until_ready(out)
+  elapsed = time.perf_counter() - start
+  return num_batches * config.batch_size / elapsed
 
 
 def seconds_to_first_batch(config, start_step: int) -> float:
@@ -151,7 +196,13 @@ def main():
   config.data_dir = args.data_dir
   config.folder_preprocessing = args.folder_preprocessing
   rate = measure_train_throughput(config, args.num_batches, args.warmup)
-  print(f'{args.dataset} batch {args.batch_size}: {rate:.0f} images/s')
+  print(f'{args.dataset} batch {args.batch_size}: tf.data {rate:.0f} images/s')
+  if device_input.eligible(datasets.get_dataset_info(config), config):
+    rate = measure_device_throughput(config, args.num_batches, args.warmup)
+    print(
+      f'{args.dataset} batch {args.batch_size}: on {jax.default_backend()} '
+      f'devices {rate:.0f} images/s'
+    )
 
 
 if __name__ == '__main__':

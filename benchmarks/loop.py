@@ -1,6 +1,7 @@
 """The training loop's own cost per step, against the bare jitted step.
 
   python -m benchmarks.loop [--steps 300] [--batch_size 64] [--json F]
+      [--input_placement host|device]
 
 A trivially small model (a dense layer and a BatchNorm over 8x8 digits, so
 that the step itself takes well under a millisecond) trains through the real
@@ -15,6 +16,11 @@ time is left out of steps/s anyway). It prints, in milliseconds per step:
   * loop - bare step: what the loop adds per step (the target is < 1 ms);
   * pipeline alone: drawing and transferring one batch, no step (the feeding
     side of the loop, which runs ahead in tf.data's threads).
+
+`--input_placement device` keeps the digits on the device and makes each
+batch inside the step (`gunn_jax/device_input.py`): the host then only
+draws and sends B x 6 integers per step, and "bare step" is the step with
+those draws already on the device.
 """
 
 import argparse
@@ -28,7 +34,15 @@ import flax.linen as nn
 import jax
 
 from configs import quickstart
-from gunn_jax import input_pipeline, layers, metric_io, sharding, train
+from gunn_jax import (
+  datasets,
+  device_input,
+  input_pipeline,
+  layers,
+  metric_io,
+  sharding,
+  train,
+)
 
 WARMUP = 20
 
@@ -77,25 +91,39 @@ def loop_ms(config) -> float:
   return 1000 / statistics.median(rates)
 
 
+def _host_batches(config, mesh):
+  """The loop's global batches (images, or draws) and its step function."""
+  if config.input_placement == 'host':
+    return input_pipeline.create_train_iterator(config), None
+  info = datasets.get_dataset_info(config)
+  split = datasets.load_split(info, config, train=True)
+  data = device_input.put_on_devices(split.data, split.labels, mesh)
+  step = device_input.jit_train_step(train.train_step, mesh, info)
+  return (
+    device_input.host_batches(info, config, 0, 0, 1),
+    lambda state, batch: step(state, data, batch),
+  )
+
+
 def bare_step_ms(config, steps: int) -> float:
   """Milliseconds per step of the jitted step on batches already on device."""
   experiment = train.create_experiment(config)
   state = experiment.create_state(config.seed)
+  host_batches, step_fn = _host_batches(config, experiment.mesh)
+  step_fn = step_fn or experiment.train_step
   batches = list(
     sharding.global_batches(
-      itertools.islice(
-        input_pipeline.create_train_iterator(config), WARMUP + steps
-      ),
+      itertools.islice(host_batches, WARMUP + steps),
       experiment.mesh,
       config.prefetch_batches,
     )
   )
   for batch in batches[:WARMUP]:
-    state, _ = experiment.train_step(state, batch)
+    state, _ = step_fn(state, batch)
   jax.block_until_ready(state)
   start = time.perf_counter()
   for batch in batches[WARMUP:]:
-    state, _ = experiment.train_step(state, batch)
+    state, _ = step_fn(state, batch)
   jax.block_until_ready(state)
   return 1000 * (time.perf_counter() - start) / steps
 
@@ -103,9 +131,8 @@ def bare_step_ms(config, steps: int) -> float:
 def pipeline_ms(config, steps: int) -> float:
   """Milliseconds per batch drawn and transferred, without any step."""
   mesh = sharding.create_mesh()
-  batches = sharding.global_batches(
-    input_pipeline.create_train_iterator(config), mesh, config.prefetch_batches
-  )
+  host_batches, _ = _host_batches(config, mesh)
+  batches = sharding.global_batches(host_batches, mesh, config.prefetch_batches)
   jax.block_until_ready(list(itertools.islice(batches, WARMUP)))
   start = time.perf_counter()
   jax.block_until_ready(list(itertools.islice(batches, steps)))
@@ -117,9 +144,13 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=300)
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--json', help='Also write the record here.')
+  parser.add_argument(
+    '--input_placement', default='device', choices=('host', 'device')
+  )
   args = parser.parse_args()
   train.create_model = _linear_model  # Every experiment below builds Linear.
   config = loop_config(args.steps, args.batch_size)
+  config.input_placement = args.input_placement
   record = {'loop_ms': loop_ms(config)}
   record['bare_step_ms'] = bare_step_ms(config, args.steps)
   record['loop_minus_bare_ms'] = record['loop_ms'] - record['bare_step_ms']
@@ -127,13 +158,17 @@ def main() -> None:
   device = jax.devices()[0]
   print(
     f'{device.device_kind} x {jax.device_count()}, jax {jax.__version__}, '
-    f'batch {args.batch_size}, {args.steps} steps (ms per step):'
+    f'batch {args.batch_size}, {args.steps} steps, data on the '
+    f'{args.input_placement} (ms per step):'
   )
   for key, value in record.items():
     print(f'  {key:20} {value:8.3f}')
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump({**record, 'batch_size': args.batch_size}, f, indent=2)
+      record.update(
+        batch_size=args.batch_size, input_placement=args.input_placement
+      )
+      json.dump(record, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.cache = True  # Decode a CIFAR-style image folder into memory once.
   config.shuffle_buffer_size = 16_384  # Examples; streamed datasets only.
   config.prefetch_batches = 2  # Batches prefetched to the devices.
+  # In-memory training sets: auto (on GPU/TPU devices if <= 1/4 of memory)
+  # |device (augmented in the step)|host (tf.data); gunn_jax/device_input.py.
+  config.input_placement = 'auto'
   config.max_eval_examples = 0  # Evaluate on a prefix; 0 = whole split.
 
   # Optimisation (paper section 6.2, docs/paper.md).

@@ -4,7 +4,7 @@
 
 Training order (CIFAR, digits, folders, ImageNet in ArrayRecord): the stream
 of example indices is the concatenation of per-epoch permutations seeded by
-(seed, epoch) (`global_batch_indices`); global step s takes positions
+(seed, epoch) (`order.global_batch_indices`); global step s takes positions
 [s*B, (s+1)*B), wrapping across epochs (nothing is dropped), and process p
 takes the contiguous slice [p*b, (p+1)*b) of it, and reads and decodes only
 those examples (`datasets.Split.take`). Augmentation is keyed by (seed, step,
@@ -43,7 +43,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from gunn_jax import datasets, errors, preprocessing
+from gunn_jax import augmentation, datasets, errors, order, preprocessing
 
 _AUTOTUNE = tf.data.AUTOTUNE
 
@@ -83,7 +83,7 @@ def _map_fns(info: datasets.DatasetInfo, config, split, train: bool):
   """Per-example and per-batch tf.data functions (either may be None).
 
   Examples are dicts of 'data' (uint8 image or file path), 'label' and either
-  'step' and 'slot' (training) or 'mask' (evaluation). ImageNet-style data is
+  `augmentation_keys` (training) or 'mask' (evaluation). ImageNet-style data is
   decoded and augmented per example; CIFAR-style data is decoded per example
   (files only) and augmented per batch, which is several times faster.
   """
@@ -102,19 +102,14 @@ def _map_fns(info: datasets.DatasetInfo, config, split, train: bool):
     return per_example, None
 
   mean, std = info.mean, info.std
+  pad = augmentation.crop_padding(info.image_size)
 
   def per_batch(batch):
     if not train:
       return _outputs(batch, preprocessing.normalize(batch['data'], mean, std))
+    params = {key: batch[key] for key in augmentation.PARAM_KEYS}
     images = preprocessing.cifar_train(
-      batch['data'],
-      preprocessing.step_rng(config.seed, batch['step'][0]),
-      batch['slot'],
-      batch_size=config.batch_size,
-      mean=mean,
-      std=std,
-      pad=info.image_size // 8,
-      roll=config.roll_augmentation,
+      batch['data'], params, mean=mean, std=std, pad=pad
     )
     return _outputs(batch, images)
 
@@ -126,39 +121,17 @@ def _map_fns(info: datasets.DatasetInfo, config, split, train: bool):
   return (decode if files else None), per_batch
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(num_examples: int, seed: int, epoch: int):
-  rng = np.random.default_rng([seed % 2**32, epoch])
-  return rng.permutation(num_examples)
+def augmentation_keys(info, config, step: int, slots: np.ndarray) -> dict:
+  """What the training augmentation of global `step` at `slots` needs.
 
-
-def global_batch_indices(
-  num_examples: int, batch_size: int, seed: int, step: int
-) -> np.ndarray:
-  """Example indices of the global training batch at `step`.
-
-  Positions [step * batch_size, (step + 1) * batch_size) of the concatenated
-  per-epoch permutations of range(num_examples), seeded by (seed, epoch).
-
-  Args:
-    num_examples: size of the training split.
-    batch_size: global batch size.
-    seed: `config.seed`.
-    step: global training step.
-
-  Returns:
-    int64 [batch_size] indices.
+  CIFAR-style: the slots' `augmentation.cifar_train_params` (int32 [b]
+  each); ImageNet-style: 'step' and 'slot' (int64 [b]), which key TF's
+  per-example random ops.
   """
-  positions = step * batch_size + np.arange(batch_size)
-  epochs, offsets = np.divmod(positions, num_examples)
-  return np.concatenate(
-    [
-      _epoch_permutation(num_examples, seed, int(epoch))[
-        offsets[epochs == epoch]
-      ]
-      for epoch in np.unique(epochs)
-    ]
-  )
+  if info.style == 'imagenet':
+    return {'step': np.full(len(slots), step, np.int64), 'slot': slots}
+  params = augmentation.params_of_step(info, config, step)
+  return {key: value[slots] for key, value in params.items()}
 
 
 def _options() -> tf.data.Options:
@@ -198,16 +171,12 @@ def _indexed_train(info, config, start_step, index, count, batch_size):
   slots = index * batch_size + np.arange(batch_size)
 
   def host_batch(step):
-    indices = global_batch_indices(
+    indices = order.global_batch_indices(
       len(split), config.batch_size, config.seed, step
     )
     data, labels = split.take(indices[slots])
-    return {
-      'data': data,
-      'label': labels,
-      'step': np.full(batch_size, step, np.int64),
-      'slot': slots,
-    }
+    keys = augmentation_keys(info, config, step, slots)
+    return {'data': data, 'label': labels, **keys}
 
   batches = lambda: map(host_batch, itertools.count(start_step))
   fns = _map_fns(info, config, split, train=True)

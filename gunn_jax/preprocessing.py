@@ -1,11 +1,11 @@
 """Per-example image preprocessing (paper section 6.1, `docs/paper.md`), in TF.
 
-Every random choice is a stateless TF op keyed by an explicit `rng` (an int64
-tensor of shape [2]), so the augmentation of an example is a pure function of
-`(seed, step, slot)`, its slot being its position in the global batch.
-CIFAR-style augmentation is vectorised over a batch: one key per step
-(`step_rng`) draws the parameters of every slot. ImageNet-style augmentation
-runs per example (images differ in size) with `example_rng`.
+The augmentation of an example is a pure function of `(seed, step, slot)`,
+its slot being its position in the global batch. CIFAR-style augmentation is
+vectorised over a batch; its parameters come from
+`augmentation.cifar_train_params` (NumPy, shared with the on-device path).
+ImageNet-style augmentation runs per example (images differ in size), every
+random choice a stateless TF op keyed by `example_rng` (int64 [2]).
 
 CIFAR-style (CIFAR-10/100, digits, small image folders), on the 0..255 scale:
 normalise, mirror, zero-pad after normalising and crop, then the authors'
@@ -15,6 +15,8 @@ resizes the shorter side and takes the centre crop (or ten crops).
 """
 
 import tensorflow as tf
+
+from gunn_jax import augmentation
 
 # Per-channel statistics on the 0..255 scale (the authors' dataset files).
 CIFAR_STATS = {
@@ -36,16 +38,11 @@ _EVAL_RESIZE_RATIO = 256 / 224
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
-def step_rng(seed: int, step) -> tf.Tensor:
-  """Returns the augmentation key of global training `step`."""
-  rng = tf.constant([seed, 0], tf.int64)
-  return tf.random.experimental.stateless_fold_in(rng, tf.cast(step, tf.int64))
-
-
 def example_rng(seed: int, step, slot) -> tf.Tensor:
   """Returns the augmentation key of the example at `slot` of global `step`."""
-  rng = step_rng(seed, step)
-  return tf.random.experimental.stateless_fold_in(rng, tf.cast(slot, tf.int64))
+  fold_in = tf.random.experimental.stateless_fold_in
+  rng = fold_in(tf.constant([seed, 0], tf.int64), tf.cast(step, tf.int64))
+  return fold_in(rng, tf.cast(slot, tf.int64))
 
 
 def _split(rng, num):
@@ -67,15 +64,20 @@ def resize_square_uint8(images, size: int) -> tf.Tensor:
 
 
 def normalize(image, mean, std) -> tf.Tensor:
-  """Returns `(image - mean) / std` per channel as float32."""
+  """Returns `(image - mean) / std` per channel as float32.
+
+  Computed as `(image - mean) * augmentation.reciprocal(std)`, the bits of
+  XLA's version (`augmentation.normalize`).
+  """
   image = tf.cast(image, tf.float32)
-  mean, std = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
+  mean = tf.constant(mean, tf.float32)
+  scale = tf.constant(augmentation.reciprocal(std))
   if image.shape[-3:].is_fully_defined():
     # Broadcasting over whole images is several times faster on CPU than
     # broadcasting a 3-vector over every pixel.
     mean = tf.broadcast_to(mean, image.shape[-3:])
-    std = tf.broadcast_to(std, image.shape[-3:])
-  return (image - mean) / std
+    scale = tf.broadcast_to(scale, image.shape[-3:])
+  return (image - mean) * scale
 
 
 def random_flip(image, rng) -> tf.Tensor:
@@ -83,53 +85,14 @@ def random_flip(image, rng) -> tf.Tensor:
   return tf.image.stateless_random_flip_left_right(image, rng)
 
 
-def cifar_train_params(rng, batch_size: int, height: int, width: int, pad: int):
-  """Random parameters of CIFAR-style augmentation for a global batch.
-
-  Drawn for every position of the global batch from one key per step, so a
-  process slicing its positions gets the same values whatever the count.
-
-  Args:
-    rng: int64 [2] stateless key of the step.
-    batch_size: global batch size B.
-    height: image height.
-    width: image width.
-    pad: zero padding of the random crop.
-
-  Returns:
-    Dict of int32 [B]: `flip` (0 or 1), crop offsets `crop_y`, `crop_x` in
-    0..2*pad, and roll shifts `roll_h`, `roll_w`: with probability 1/3 both
-    0, otherwise one of them (equal chance) uniform in 1..size of its axis.
-  """
-  keys = _split(rng, 5)
-  draw = lambda key, high, low=0: tf.random.stateless_uniform(
-    [batch_size], key, low, high, tf.int32
-  )
-  choice = draw(keys[3], 3)
-  size = tf.where(choice == 2, height, width)
-  shift = tf.random.stateless_uniform(
-    [batch_size], keys[4], 0.0, 1.0, tf.float64
-  )
-  shift = 1 + tf.cast(tf.floor(shift * tf.cast(size, tf.float64)), tf.int32)
-  return {
-    'flip': draw(keys[0], 2),
-    'crop_y': draw(keys[1], 2 * pad + 1),
-    'crop_x': draw(keys[2], 2 * pad + 1),
-    'roll_h': tf.where(choice == 2, shift, 0),
-    'roll_w': tf.where(choice == 1, shift, 0),
-  }
-
-
 def flip_crop_roll(images, params, pad: int) -> tf.Tensor:
   """Mirror, zero-pad and crop, then cyclic roll of [b, H, W, C] images.
 
-  One gather per axis: output row y of example i is padded row
-  crop_y + (y - roll_h) mod H, and likewise for columns, mirrored in the
-  padded frame where `flip` is 1 (mirroring commutes with symmetric padding).
+  One gather per axis, at `augmentation.source_rows`.
 
   Args:
     images: [b, H, W, C], already normalised (the padding is zeros).
-    params: `cifar_train_params` for these b examples.
+    params: `augmentation.cifar_train_params` for these b examples.
     pad: zero padding on each side before cropping.
 
   Returns:
@@ -137,38 +100,28 @@ def flip_crop_roll(images, params, pad: int) -> tf.Tensor:
   """
   height, width = images.shape[1], images.shape[2]
   padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-  column = lambda key: params[key][:, None]
-  rows = column('crop_y') + (tf.range(height)[None] - column('roll_h')) % height
-  cols = column('crop_x') + (tf.range(width)[None] - column('roll_w')) % width
-  cols = tf.where(column('flip') == 1, width + 2 * pad - 1 - cols, cols)
+  rows, cols = augmentation.source_rows(params, height, width, pad, tf.range)
   out = tf.gather(padded, rows, axis=1, batch_dims=1)
   return tf.gather(out, cols, axis=2, batch_dims=1)
 
 
-def cifar_train(images, rng, slots, *, batch_size, mean, std, pad, roll):
+def cifar_train(images, params, *, mean, std, pad) -> tf.Tensor:
   """CIFAR-style training augmentation of uint8 [b, H, W, C] images.
 
-  In the authors' order: normalise, mirror (p=1/2), zero-pad (after normalising)
-  and random crop, then the authors' roll (if `roll`).
+  In the authors' order: normalise, mirror (p=1/2), zero-pad (after
+  normalising) and random crop, then the authors' roll (its shifts are 0 in
+  `params` when off). `augmentation.augment` is the same in JAX.
 
   Args:
     images: uint8 [b, H, W, C] at the model's input size.
-    rng: int64 [2] stateless key of the step (`step_rng`).
-    slots: int [b] positions of these examples in the global batch.
-    batch_size: global batch size.
+    params: `augmentation.cifar_train_params` of these b examples.
     mean: per-channel mean on the 0..255 scale.
     std: per-channel standard deviation on the 0..255 scale.
     pad: zero padding before the random crop.
-    roll: whether to apply the roll.
 
   Returns:
     float32 [b, H, W, C].
   """
-  height, width = images.shape[1], images.shape[2]
-  params = cifar_train_params(rng, batch_size, height, width, pad)
-  params = {k: tf.gather(v, slots) for k, v in params.items()}
-  if not roll:
-    params['roll_h'] = params['roll_w'] = tf.zeros_like(params['flip'])
   return flip_crop_roll(normalize(images, mean, std), params, pad)
 
 

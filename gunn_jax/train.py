@@ -30,6 +30,7 @@ from gunn_jax import (
   checkpointing,
   console,
   datasets,
+  device_input,
   diagnostics,
   input_pipeline,
   metric_io,
@@ -491,6 +492,7 @@ def train_and_evaluate(
       becomes NaN/Inf.
   """
   experiment = create_experiment(config)
+  placement = device_input.placement(experiment.info, config)
   diagnose = _diagnostics_fn(config, experiment)
   _check_resume(config, workdir, experiment.info, allow_config_change)
   writer = metric_io.create_writer(workdir)
@@ -505,7 +507,7 @@ def train_and_evaluate(
     state = _initial_state(config, experiment, manager)
     _start(config, workdir, experiment, state, manager.latest_step())
     loop = _Loop(config, workdir, experiment, writer, manager, diagnose)
-    return loop.run(state, preemption)
+    return loop.run(state, preemption, placement)
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -556,22 +558,18 @@ class _Loop:
         logdir=workdir, num_profile_steps=config.profile_steps
       )
 
-  def run(self, state: TrainState, preemption) -> TrainState:
+  def run(self, state: TrainState, preemption, placement: str) -> TrainState:
+    """Trains from `state` to the last step or a preemption; `placement`
+    is 'host' or 'device' (`device_input.placement`)."""
     initial_step = int(state.step)
-    batches = sharding.global_batches(
-      input_pipeline.create_train_iterator(
-        self._config, start_step=initial_step
-      ),
-      self._experiment.mesh,
-      self._config.prefetch_batches,
-    )
+    train_step, batches = self._train_input(initial_step, placement)
     if self._diagnose and initial_step == 0:
       self._diagnostics(step=0, t=None, state=state)
     self.progress(initial_step)  # Starts its clock.
     for step in range(initial_step + 1, self._experiment.num_train_steps + 1):
       # `step` counts the steps done once this iteration ends.
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, step_metrics = self._experiment.train_step(state, next(batches))
+        state, step_metrics = train_step(state, next(batches))
       self._interval.add(step_metrics)
       self.progress(step)
       if self.profile:
@@ -590,6 +588,35 @@ class _Loop:
         )
         break
     return state
+
+  def _train_input(self, start_step: int, placement: str):
+    """The step `(state, batch) -> (state, metrics)` and its global batches
+    from `start_step`: images from tf.data, or on the devices
+    (`device_input.py`, `config.input_placement`) with batches of draws."""
+    config, experiment = self._config, self._experiment
+    info, mesh = experiment.info, experiment.mesh
+    if placement == 'host':
+      host_batches = input_pipeline.create_train_iterator(
+        config, start_step=start_step
+      )
+      step_fn = experiment.train_step
+    else:
+      split = datasets.load_split(info, config, train=True)
+      data = device_input.put_on_devices(split.data, split.labels, mesh)
+      logging.info(
+        'Training images on the devices (%.0f MB each), augmented in the '
+        'training step.',
+        device_input.train_set_bytes(info) / 1e6,
+      )
+      jitted = device_input.jit_train_step(train_step, mesh, info)
+      step_fn = lambda state, batch: jitted(state, data, batch)
+      host_batches = device_input.host_batches(
+        info, config, start_step, jax.process_index(), jax.process_count()
+      )
+    batches = sharding.global_batches(
+      host_batches, mesh, config.prefetch_batches
+    )
+    return step_fn, batches
 
   def _train_scalars(self, step: int) -> dict:
     summary = self._interval.summary(step)

@@ -102,8 +102,10 @@ def test_quick_check_runs_without_tensorflow_clu_or_ml_collections(tmp_path):
   assert '| digits | gunn_tiny |' in result.stdout
   # The closing comparisons: GUNN against SUNN, each option against default.
   assert 'gunn_tiny/sunn_tiny step time, float32, batch 4: ' in result.stdout
-  for option in ('bn_statistics=xla', 'scan_unroll=2'):
+  options = ('bn_statistics=xla', 'scan_unroll=2', 'input_placement=device')
+  for option in options:
     assert (
       f'gunn_tiny float32 batch 4, {option} against the default: '
       in result.stdout
     )
+  assert 'tf.data: not measured (needs TensorFlow' in result.stdout

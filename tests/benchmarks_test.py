@@ -6,7 +6,9 @@ import math
 import jax
 import pytest
 
-from benchmarks import input_pipeline, profile, run
+from benchmarks import input_pipeline, loop, profile, run
+from configs import base
+from gunn_jax import train
 
 _TRAIN_FLOATS = (
   'step_ms_median',
@@ -187,3 +189,20 @@ def test_imagenet_formats_are_compared_on_the_same_images():
       'first batch at step 7 (s)',
     }
     assert all(v > 0 for k, v in row.items() if k != 'format')
+
+
+def test_device_throughput_makes_batches_on_the_devices():
+  config = base.get_config()
+  config.update(dataset='digits', image_size=8, batch_size=8)
+  rate = input_pipeline.measure_device_throughput(config, 3, warmup=1)
+  assert rate > 0
+
+
+@pytest.mark.parametrize('placement', ['host', 'device'])
+def test_loop_cost_rows_run_on_either_input_path(monkeypatch, placement):
+  monkeypatch.setattr(train, 'create_model', loop._linear_model)
+  config = loop.loop_config(steps=6, batch_size=16)
+  config.input_placement = placement
+  assert loop.loop_ms(config) > 0
+  assert loop.bare_step_ms(config, 6) > 0
+  assert loop.pipeline_ms(config, 6) > 0

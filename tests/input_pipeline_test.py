@@ -13,7 +13,7 @@ from sklearn import datasets as sklearn_datasets
 
 from benchmarks import fake_imagenet
 from configs import base
-from gunn_jax import datasets, errors, input_pipeline, preprocessing
+from gunn_jax import datasets, errors, input_pipeline, order, preprocessing
 
 
 def _config(**overrides):
@@ -78,14 +78,12 @@ def test_digits_eval_is_the_documented_split_normalised_by_train_stats():
 
 
 def test_global_batch_indices_concatenate_epoch_permutations():
-  steps = [
-    input_pipeline.global_batch_indices(10, 4, seed=7, step=s) for s in range(5)
-  ]
+  steps = [order.global_batch_indices(10, 4, seed=7, step=s) for s in range(5)]
   stream = np.concatenate(steps)
   assert sorted(stream[:10]) == list(range(10))
   assert sorted(stream[10:20]) == list(range(10))
   assert not np.array_equal(stream[:10], stream[10:20])
-  other = input_pipeline.global_batch_indices(10, 4, seed=8, step=0)
+  other = order.global_batch_indices(10, 4, seed=8, step=0)
   assert not np.array_equal(other, steps[0])
 
 

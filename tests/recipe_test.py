@@ -25,12 +25,14 @@ import tensorflow_datasets as tfds
 
 from configs import base, cifar10, tiny
 from gunn_jax import (
+  augmentation,
   datasets,
   folders,
   input_pipeline,
   models,
   normalization,
   optimization,
+  order,
   preprocessing,
   steps,
   train,
@@ -298,14 +300,11 @@ def test_cifar_style_training_batches_follow_the_recipe(image_size, roll, seed):
   pad = image_size // 8
   batches = input_pipeline.create_train_iterator(config, start_step=1)
   for step, batch in zip((1, 2), batches):
-    indices = input_pipeline.global_batch_indices(
-      len(split.labels), 12, seed, step
-    )
+    indices = order.global_batch_indices(len(split.labels), 12, seed, step)
     np.testing.assert_array_equal(batch['labels'], split.labels[indices])
-    params = preprocessing.cifar_train_params(
-      preprocessing.step_rng(seed, step), 12, image_size, image_size, pad
+    params = augmentation.cifar_train_params(
+      seed, step, 12, image_size, image_size, pad
     )
-    params = {k: v.numpy() for k, v in params.items()}
     # The batch exercises every transformation.
     assert set(params['flip']) == {0, 1}
     assert set(params['crop_y']) - {pad} and set(params['crop_x']) - {pad}
@@ -502,7 +501,7 @@ def test_imagenet_style_folder_batches_follow_the_recipe(tmp_path, monkeypatch):
     config, start_step=2, process_index=1, process_count=2
   )
   for step, batch in zip((2, 3), batches):
-    indices = input_pipeline.global_batch_indices(12, 4, 7, step)[2:]
+    indices = order.global_batch_indices(12, 4, 7, step)[2:]
     np.testing.assert_array_equal(batch['labels'], split.labels[indices])
     for slot, index, image in zip((2, 3), indices, batch['images']):
       source = folders.read_rgb(split.data[index])

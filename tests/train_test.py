@@ -313,6 +313,27 @@ def test_resume_continues_from_the_latest_checkpoint(trained):
   ]
 
 
+@pytest.mark.slow
+def test_training_images_on_the_devices_give_the_same_run(trained, tmp_path):
+  """`input_placement='device'` trains and resumes to the tf.data run's
+  parameters, bit for bit."""
+  workdir = str(tmp_path)
+  config = tiny_config(num_train_steps=4, input_placement='device')
+  state = train.train_and_evaluate(config, workdir)
+  for got, expected in zip(
+    jax.tree.leaves(jax.device_get(state.params)),
+    jax.tree.leaves(trained['step4_params']),
+  ):
+    np.testing.assert_array_equal(got, expected)
+  config = tiny_config(input_placement='device')
+  final = train.train_and_evaluate(config, workdir, allow_config_change=True)
+  for got, expected in zip(
+    jax.tree.leaves(jax.device_get(final.params)),
+    jax.tree.leaves(jax.device_get(trained['state'].params)),
+  ):
+    np.testing.assert_array_equal(got, expected)
+
+
 def _steps(workdir):
   manager = checkpointing.create_manager(workdir, read_only=True)
   try:
