@@ -56,11 +56,16 @@ def cifar_train_params(
     0, otherwise one of them (equal chance) uniform in 1..size of its axis.
   """
   key = np.array([seed % 2**64, step], np.uint64)
-  rng = np.random.Generator(np.random.Philox(key=key))
-  draw = lambda high, low=0: rng.integers(low, high, batch_size, np.int32)
-  flip, crop_y, crop_x = draw(2), draw(2 * pad + 1), draw(2 * pad + 1)
-  choice = draw(3)
-  shift = draw(np.where(choice == 2, height, width) + 1, 1)
+  uniform = np.random.Generator(np.random.Philox(key=key)).random(
+    (5, batch_size)
+  )
+  # floor(u * n) of a float64 u uniform in [0, 1): uniform in 0..n-1.
+  flip, crop_y, crop_x, choice = (
+    (u * n).astype(np.int32)
+    for u, n in zip(uniform, (2, 2 * pad + 1, 2 * pad + 1, 3))
+  )
+  size = np.where(choice == 2, height, width)
+  shift = 1 + (uniform[4] * size).astype(np.int32)
   zero = np.zeros(batch_size, np.int32)
   return {
     'flip': flip,
