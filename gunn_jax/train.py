@@ -604,7 +604,7 @@ class _Loop:
       split = datasets.load_split(info, config, train=True)
       data = device_input.put_on_devices(split.data, split.labels, mesh)
       logging.info(
-        'Training images on the devices (%.0f MB each), augmented in the '
+        'Training images on the devices (%.1f MB each), augmented in the '
         'training step.',
         device_input.train_set_bytes(info) / 1e6,
       )

@@ -105,7 +105,8 @@ def runs(tmp_path_factory):
   checkpoint, then relaunched; process 1 preempted (SIGTERM) after the step-2
   checkpoint, then started again; process 1 killed after the step-2
   checkpoint. The killed run's workdir, copied, resumed on other slices:
-  1x4, 1x2, 4x1 and 1x3 (which cannot divide the batch of 32).
+  1x4, 1x2, 4x1 (with the training set on the devices,
+  `input_placement='device'`) and 1x3 (which cannot divide the batch of 32).
 
   Finished runs end at step 6; each process dumps its parameters. In the
   relaunch, process 1 finishes twice the peer timeout after process 0 (a
@@ -130,8 +131,11 @@ def runs(tmp_path_factory):
   )
   resized = {
     topology: resume_on(root, root / 'killed_at_4', topology)
-    for topology in ('1x4', '1x2', '4x1', '1x3')
+    for topology in ('1x4', '1x2', '1x3')
   }
+  resized['4x1'] = resume_on(
+    root, root / 'killed_at_4', '4x1', '--config.input_placement=device'
+  )
   return {
     'root': root,
     'resized': resized,
@@ -145,16 +149,17 @@ def runs(tmp_path_factory):
   }
 
 
-def resume_on(root, base, topology):
+def resume_on(root, base, topology, *flags):
   """Copies the workdir `base` and resumes it on `topology` ('PxD': P
-  processes of D devices); returns (workdir, (exit status, output))."""
+  processes of D devices) with extra `flags`; returns (workdir, (exit
+  status, output))."""
   workdir = root / f'resized_{topology}'
   shutil.copytree(base, workdir)
   processes, devices = (int(n) for n in topology.split('x'))
   env = dict(GUNN_TEST_DUMP_DIR=str(workdir))
   if processes == 1:
     env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-    return workdir, helpers.run_python(main_args(workdir), **env)
+    return workdir, helpers.run_python([*main_args(workdir), *flags], **env)
   launcher = [
     '-m',
     'gunn_jax.launch',
@@ -162,7 +167,9 @@ def resume_on(root, base, topology):
     f'--devices_per_process={devices}',
     '--',
   ]
-  return workdir, helpers.run_python([*launcher, *main_args(workdir)], **env)
+  return workdir, helpers.run_python(
+    [*launcher, *main_args(workdir), *flags], **env
+  )
 
 
 def train_records(workdir):
@@ -174,10 +181,13 @@ def test_resized_slice_continues_the_run(runs, topology):
   """2x2 killed after step 4, resumed on `topology`: the state is restored
   onto the new mesh, the schedule and the data order continue
   (`input_pipeline_test` checks the example indices), and step 6 matches the
-  2x2 run up to float32 rounding of 2 steps on another topology."""
+  2x2 run up to float32 rounding of 2 steps on another topology; 4x1 makes
+  its batches on the devices (`device_input.py`)."""
   workdir, (status, output) = runs['resized'][topology]
   assert status == 0, output[-3000:]
   assert 'resuming from step 4' in output
+  on_devices = 'Training images on the devices' in output
+  assert on_devices == (topology == '4x1')
   ours, theirs = train_records(workdir), train_records(runs['multi'])
   assert [r['step'] for r in ours] == [r['step'] for r in theirs] == [2, 4, 6]
   assert ours[-1]['learning_rate'] == theirs[-1]['learning_rate']
