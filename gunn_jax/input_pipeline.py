@@ -82,10 +82,11 @@ def _outputs(example, images) -> dict:
 def _map_fns(info: datasets.DatasetInfo, config, split, train: bool):
   """Per-example and per-batch tf.data functions (either may be None).
 
-  Examples are dicts of 'data' (uint8 image or file path), 'label' and either
-  `augmentation_keys` (training) or 'mask' (evaluation). ImageNet-style data is
-  decoded and augmented per example; CIFAR-style data is decoded per example
-  (files only) and augmented per batch, which is several times faster.
+  Examples are dicts of 'data' (uint8 image or file path), 'label' and
+  either `_augmentation_keys` (training) or 'mask' (evaluation).
+  ImageNet-style data is decoded and augmented per example; CIFAR-style data
+  is decoded per example (files only) and augmented per batch, which is
+  several times faster.
   """
   if info.style == 'imagenet':
     eval_fn = _imagenet_eval_fn(info, config.ten_crop)
@@ -121,7 +122,7 @@ def _map_fns(info: datasets.DatasetInfo, config, split, train: bool):
   return (decode if files else None), per_batch
 
 
-def augmentation_keys(info, config, step: int, slots: np.ndarray) -> dict:
+def _augmentation_keys(info, config, step: int, slots: np.ndarray) -> dict:
   """What the training augmentation of global `step` at `slots` needs.
 
   CIFAR-style: the slots' `augmentation.cifar_train_params` (int32 [b]
@@ -175,7 +176,7 @@ def _indexed_train(info, config, start_step, index, count, batch_size):
       len(split), config.batch_size, config.seed, step
     )
     data, labels = split.take(indices[slots])
-    keys = augmentation_keys(info, config, step, slots)
+    keys = _augmentation_keys(info, config, step, slots)
     return {'data': data, 'label': labels, **keys}
 
   batches = lambda: map(host_batch, itertools.count(start_step))
