@@ -92,17 +92,16 @@ def loop_ms(config) -> float:
 
 
 def _host_batches(config, mesh):
-  """The loop's global batches (images, or draws) and its step function."""
+  """The loop's host batches (images, or draws) and its step (None: the
+  experiment's own)."""
   if config.input_placement == 'host':
     return input_pipeline.create_train_iterator(config), None
   info = datasets.get_dataset_info(config)
   split = datasets.load_split(info, config, train=True)
-  data = device_input.put_on_devices(split.data, split.labels, mesh)
-  step = device_input.jit_train_step(train.train_step, mesh, info)
-  return (
-    device_input.host_batches(info, config, 0, 0, 1),
-    lambda state, batch: step(state, data, batch),
+  step_fn, batches = device_input.train_input(
+    info, config, split, mesh, train.train_step, 0
   )
+  return batches, step_fn
 
 
 def bare_step_ms(config, steps: int) -> float:

@@ -154,3 +154,28 @@ def jit_train_step(step_fn: Callable, mesh, info) -> Callable:
     out_shardings=(replicated, replicated),
     donate_argnums=0,
   )
+
+
+def train_input(
+  info, config, split, mesh, step_fn: Callable, start_step: int
+) -> tuple[Callable, Iterator[dict]]:
+  """The training set on the devices, the step that uses it, its inputs.
+
+  Args:
+    info: the dataset's `datasets.DatasetInfo` (`eligible` data).
+    config: the run's config.
+    split: the training split (`datasets.load_split`): uint8 images.
+    mesh: the data-parallel mesh.
+    step_fn: `(state, batch) -> (state, metrics)`, not jitted.
+    start_step: global step of the first batch.
+
+  Returns:
+    (`(state, batch) -> (state, metrics)` jitted, this process's
+    `host_batches` from `start_step`).
+  """
+  data = put_on_devices(split.data, split.labels, mesh)
+  jitted = jit_train_step(step_fn, mesh, info)
+  batches = host_batches(
+    info, config, start_step, jax.process_index(), jax.process_count()
+  )
+  return lambda state, batch: jitted(state, data, batch), batches

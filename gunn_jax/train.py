@@ -602,16 +602,13 @@ class _Loop:
       step_fn = experiment.train_step
     else:
       split = datasets.load_split(info, config, train=True)
-      data = device_input.put_on_devices(split.data, split.labels, mesh)
+      step_fn, host_batches = device_input.train_input(
+        info, config, split, mesh, train_step, start_step
+      )
       logging.info(
         'Training images on the devices (%.1f MB each), augmented in the '
         'training step.',
         device_input.train_set_bytes(info) / 1e6,
-      )
-      jitted = device_input.jit_train_step(train_step, mesh, info)
-      step_fn = lambda state, batch: jitted(state, data, batch)
-      host_batches = device_input.host_batches(
-        info, config, start_step, jax.process_index(), jax.process_count()
       )
     batches = sharding.global_batches(
       host_batches, mesh, config.prefetch_batches
