@@ -4,6 +4,9 @@
 * Every test starts without the `--config.KEY` flags of earlier in-process
   `main.main` runs (`helpers.drop_config_override_flags`).
 * Most XLA optimisations are off (`optimized_compile` turns them on).
+* The longest files come first (`LONGEST_FIRST`), so that pytest-xdist
+  (`-n auto --dist loadfile`, the README's command) starts them while the
+  short ones fill the other workers.
 * XLA's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`, by default
   in the system's temp dir) is shared by this process and the `main.py`
   subprocesses that tests start, for programs of any compile time: on 2 CPU
@@ -48,6 +51,31 @@ jax.config.update(
   'jax_disable_most_optimizations',
   os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] == '1',
 )
+
+
+# Test files by their time on 2 cores with an empty compilation cache, the
+# longest first (`pytest --durations`).
+LONGEST_FIRST = (
+  'multihost_test.py',
+  'multihost_steps_test.py',
+  'multihost_gradients_test.py',
+  'readme_test.py',
+  'notebook_test.py',
+  'layers_test.py',
+  'train_test.py',
+  'inference_test.py',
+  'runs_test.py',
+  'recipe_test.py',
+  'train_wiring_test.py',
+  'accelerator_test.py',
+  'folders_test.py',
+)
+
+
+def pytest_collection_modifyitems(items):
+  """Puts the tests of `LONGEST_FIRST`'s files first, in its order."""
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True)

@@ -159,3 +159,17 @@ def fake_cifar10_download(archive: str, on_download=None):
     yield
   finally:
     manager.download_and_extract, downloads._unreachable = saved
+
+
+def load_params(path) -> dict[str, np.ndarray]:
+  """The arrays of an `.npz` file (a test program's parameter dump)."""
+  with np.load(path) as f:
+    return dict(f)
+
+
+def assert_leaves_close(ours, theirs, keys, tolerance) -> None:
+  """Per leaf, |difference| <= tolerance x max(|leaf|, 1% of the largest)."""
+  largest = max(np.abs(theirs[key]).max() for key in keys)
+  for key in keys:
+    scale = max(np.abs(theirs[key]).max(), 1e-2 * largest)
+    assert np.abs(ours[key] - theirs[key]).max() <= tolerance * scale, key

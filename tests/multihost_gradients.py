@@ -10,8 +10,8 @@ records the gradients, once per mesh over the first MESH_SIZE devices
 `OUT_DIR/<case>_<MESH_SIZE>.npz`: the gradients (`grads...`) and the
 updated BatchNorm running averages (`batch_stats...`), by leaf path.
 
-`tests/multihost_test.py` runs it as 2 processes x 2 devices and as one
-process with 4 devices (meshes of 1 and 4), and compares the files.
+`tests/multihost_gradients_test.py` runs it as 2 processes x 2 devices and
+as one process with 4 devices (meshes of 1 and 4), and compares the files.
 """
 
 import functools

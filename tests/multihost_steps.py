@@ -15,7 +15,7 @@ connects processes; `gunn_jax.distributed` connects them up front).
 
 In float32, this network's trajectories on different topologies part within
 a few steps (float32 rounding amplified); in float64 any difference beyond
-rounding is a fault. `tests/multihost_test.py` compares 2 processes x 2
+rounding is a fault. `tests/multihost_steps_test.py` compares 2 processes x 2
 devices, 4 processes x 1 device and 1 process x 4 devices with 1 x 1.
 """
 

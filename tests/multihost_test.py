@@ -94,11 +94,6 @@ def launch(workdir, **env):
   )
 
 
-def load_params(path):
-  with np.load(path) as f:
-    return dict(f)
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """2x2 runs started one by one: process 0 killed after the step-4
@@ -192,8 +187,8 @@ def test_resized_slice_continues_the_run(runs, topology):
   assert [r['step'] for r in ours] == [r['step'] for r in theirs] == [2, 4, 6]
   assert ours[-1]['learning_rate'] == theirs[-1]['learning_rate']
   assert ours[-1]['loss'] == pytest.approx(theirs[-1]['loss'], rel=1e-4)
-  resized = load_params(workdir / 'params_0.npz')
-  for key, value in load_params(runs['multi'] / 'params_0.npz').items():
+  resized = helpers.load_params(workdir / 'params_0.npz')
+  for key, value in helpers.load_params(runs['multi'] / 'params_0.npz').items():
     np.testing.assert_allclose(resized[key], value, rtol=1e-5, atol=1e-6)
 
 
@@ -265,8 +260,8 @@ def test_one_preempted_host_stops_all_at_one_saved_step(runs):
   # Interrupted at different steps, killed and preempted runs end the same.
   for p in (0, 1):
     np.testing.assert_equal(
-      load_params(runs['preempted'] / f'params_{p}.npz'),
-      load_params(runs['multi'] / f'params_{p}.npz'),
+      helpers.load_params(runs['preempted'] / f'params_{p}.npz'),
+      helpers.load_params(runs['multi'] / f'params_{p}.npz'),
     )
 
 
@@ -289,129 +284,6 @@ def test_eval_counts_the_whole_test_split_once(runs):
   evals = metric_io.read_metrics(runs['multi'], 'eval')
   assert [r['step'] for r in evals] == [3, 6]
   assert all(r['num_examples'] == num_eval for r in evals)
-
-
-@pytest.fixture(scope='module')
-def gradients(tmp_path_factory):
-  """`multihost_gradients.py` as 2 processes x 2 devices and as one process
-  with 4 devices (meshes of 1 and 4); returns load(case, run) for runs
-  '2x2', '1x1' and '1x4'. Most XLA optimisations are off, as in every test:
-  with them on, the 2-process run stalled in a gloo collective permute in
-  about half the runs on 2 cores (docs/xla_cpu.md)."""
-  root = tmp_path_factory.mktemp('gradients')
-  (root / 'multi').mkdir()
-  (root / 'alone').mkdir()
-  program = 'tests/multihost_gradients.py'
-  multi = helpers.run_python(
-    [
-      '-m',
-      'gunn_jax.launch',
-      '--num_processes=2',
-      '--devices_per_process=2',
-      '--',
-      program,
-      str(root / 'multi'),
-    ]
-  )
-  assert multi[0] == 0, multi[1][-3000:]
-  alone = helpers.run_python(
-    [program, str(root / 'alone'), '1', '4'],
-    XLA_FLAGS='--xla_force_host_platform_device_count=4',
-  )
-  assert alone[0] == 0, alone[1][-3000:]
-  paths = {
-    '2x2': root / 'multi' / '{}_4.npz',
-    '1x1': root / 'alone' / '{}_1.npz',
-    '1x4': root / 'alone' / '{}_4.npz',
-  }
-  return lambda case, name: load_params(str(paths[name]).format(case))
-
-
-@pytest.fixture(scope='module')
-def float64_runs(tmp_path_factory):
-  """`multihost_steps.py` (8 float64 steps) as 2 processes x 2 devices, 4 x 1,
-  and one process with meshes of 1 and 4 devices; returns load(run).
-
-  In the 4 x 1 run process 1 reaches the first collective 35 s after the
-  others (beyond gloo's 30 s for connecting processes), as a process that
-  compiles slowly on a busy host does.
-  """
-  root = tmp_path_factory.mktemp('float64')
-  program = 'tests/multihost_steps.py'
-  for processes, devices, late_s in ((2, 2, 0), (4, 1, 35)):
-    out = root / f'{processes}x{devices}'
-    out.mkdir()
-    status, output = helpers.run_python(
-      [
-        '-m',
-        'gunn_jax.launch',
-        f'--num_processes={processes}',
-        f'--devices_per_process={devices}',
-        '--',
-        program,
-        str(out),
-      ],
-      LATE_PROCESS_S=str(late_s),
-    )
-    assert status == 0, output[-3000:]
-  (root / 'alone').mkdir()
-  status, output = helpers.run_python(
-    [program, str(root / 'alone'), '1', '4'],
-    XLA_FLAGS='--xla_force_host_platform_device_count=4',
-  )
-  assert status == 0, output[-3000:]
-  paths = {
-    '2x2': root / '2x2' / 'steps_4.npz',
-    '4x1': root / '4x1' / 'steps_4.npz',
-    '1x1': root / 'alone' / 'steps_1.npz',
-    '1x4': root / 'alone' / 'steps_4.npz',
-  }
-  return lambda name: load_params(paths[name])
-
-
-@pytest.mark.parametrize('topology', ['2x2', '4x1', '1x4'])
-def test_float64_trajectories_follow_one_device(float64_runs, topology):
-  """8 steps with momentum and weight decay: every parameter and running
-  average within 1e-9 of its scale of one device's (docs/multihost.md)."""
-  ours, theirs = float64_runs(topology), float64_runs('1x1')
-  assert ours.keys() == theirs.keys()
-  assert_leaves_close(ours, theirs, list(theirs), 1e-9)
-
-
-@pytest.mark.parametrize(
-  'case', ['gunn_mini', 'sunn_mini', 'gunn_mini_nores', 'gunn_mini_groups']
-)
-@pytest.mark.parametrize('runs_compared', [('2x2', '1x1'), ('2x2', '1x4')])
-def test_processes_compute_the_gradients_of_one_process(
-  gradients, case, runs_compared
-):
-  """The first step's gradients agree to float32 reduction-order noise.
-
-  Per leaf, |difference| <= 1e-4 of the leaf's scale (at least 1% of the
-  largest leaf's, for leaves that are zero up to noise). BatchNorm's running
-  averages are the same bits where each device reduces the same images
-  (2x2 and 1x4); one device sums the whole batch in another order, so
-  against it they agree to 1e-5 of the scale (a few float32 ulps; the same
-  bits on some CPUs).
-  """
-  ours, theirs = (gradients(case, name) for name in runs_compared)
-  assert ours.keys() == theirs.keys()
-  grads = [key for key in theirs if key.startswith('grads')]
-  averages = [key for key in theirs if key not in grads]
-  assert_leaves_close(ours, theirs, grads, 1e-4)
-  if runs_compared == ('2x2', '1x4'):
-    for key in averages:
-      np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
-  else:
-    assert_leaves_close(ours, theirs, averages, 1e-5)
-
-
-def assert_leaves_close(ours, theirs, keys, tolerance):
-  """Per leaf, |difference| <= tolerance x max(|leaf|, 1% of the largest)."""
-  largest = max(np.abs(theirs[key]).max() for key in keys)
-  for key in keys:
-    scale = max(np.abs(theirs[key]).max(), 1e-2 * largest)
-    assert np.abs(ours[key] - theirs[key]).max() <= tolerance * scale, key
 
 
 def test_failure_of_one_process_ends_the_run(tmp_path):

@@ -96,13 +96,18 @@ def load_config(argument):
   return module.get_config(arg) if arg else module.get_config()
 
 
+def test_ci_runs_the_readme_test_command():
+  ci = (ROOT / '.ci' / 'run').read_text().splitlines()
+  command = next(line for line in ci if line.startswith('python -m pytest'))
+  assert f'&& {command}\n' in TEXTS['README.md']
+
+
 def test_readme_has_the_commands_we_document():
   for page in ORDER:
     assert (ROOT / page).exists(), page
   # README: the quickstart, the test command and the paper's experiments.
   readme = main_commands(['README.md'])
   assert any('configs/quickstart.py' in c for c in readme)
-  assert 'python -m pytest -q' in TEXTS['README.md']
   assert len(readme) >= 15
   assert any('configs/imagenet.py:wide_gunn18' in c for c in readme)
   # The docs pages: evaluation, fine-tuning, multi-host and the tools.
