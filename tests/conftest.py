@@ -5,8 +5,8 @@
   `main.main` runs (`helpers.drop_config_override_flags`).
 * Most XLA optimisations are off (`optimized_compile` turns them on).
 * The longest files come first (`LONGEST_FIRST`), so that pytest-xdist
-  (`-n auto --dist loadfile`, the README's command) starts them while the
-  short ones fill the other workers.
+  (`-n auto`, the README's command; `pyproject.toml` sends whole files to
+  workers) starts them while the short ones fill the other workers.
 * XLA's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`, by default
   in the system's temp dir) is shared by this process and the `main.py`
   subprocesses that tests start, for programs of any compile time: on 2 CPU
