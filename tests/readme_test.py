@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import helpers
 import pytest
@@ -166,7 +167,10 @@ def run_in_this_process(argv: list[str]) -> int:
   assert argv[0] == '-m', argv
   saved_argv, sys.argv = sys.argv, argv[1:]
   try:
-    runpy.run_module(argv[1], run_name='__main__', alter_sys=True)
+    with warnings.catch_warnings():
+      # Other tests imported the module already; runpy runs a fresh copy.
+      warnings.filterwarnings('ignore', '.* found in sys.modules', Warning)
+      runpy.run_module(argv[1], run_name='__main__', alter_sys=True)
   except SystemExit as e:
     return e.code or 0
   finally:
