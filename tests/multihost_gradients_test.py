@@ -48,9 +48,7 @@ def gradients(tmp_path_factory):
   return lambda case, name: helpers.load_params(str(paths[name]).format(case))
 
 
-@pytest.mark.parametrize(
-  'case', ['gunn_mini', 'sunn_mini', 'gunn_mini_nores', 'gunn_mini_groups']
-)
+@pytest.mark.parametrize('case', ['gunn_tiny', 'sunn_tiny_nores_groups'])
 @pytest.mark.parametrize('runs_compared', [('2x2', '1x1'), ('2x2', '1x4')])
 def test_processes_compute_the_gradients_of_one_process(
   gradients, case, runs_compared
