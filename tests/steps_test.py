@@ -14,6 +14,17 @@ from gunn_jax import models, optimization, steps
 
 
 @functools.cache
+def float64_variables(name):
+  """`name`'s variables in float64, one jitted init for all `options` (none
+  of which changes a variable)."""
+  model = models.create_model(name, 10, dtype=jnp.float64)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+    jax.random.key(0), jnp.zeros((1, 8, 8, 3), jnp.float64)
+  )
+  return jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float64), variables)
+
+
+@functools.cache
 def one_step(name, options):
   """A float64 SGD step of `name` on a fixed batch: (state, metrics).
 
@@ -24,10 +35,7 @@ def one_step(name, options):
     np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float64
   )
   labels = jnp.arange(4) % 10
-  variables = jax.tree.map(
-    lambda leaf: jnp.asarray(leaf, jnp.float64),
-    model.init(jax.random.key(0), images[:1], train=False),
-  )
+  variables = float64_variables(name)
   config = base.get_config()
   state = steps.TrainState.create(
     apply_fn=model.apply,
