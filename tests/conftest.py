@@ -57,18 +57,18 @@ jax.config.update(
 # longest first (`pytest --durations`).
 LONGEST_FIRST = (
   'multihost_test.py',
+  'notebook_test.py',
   'multihost_steps_test.py',
   'multihost_gradients_test.py',
+  'accelerator_test.py',
   'readme_test.py',
-  'notebook_test.py',
   'layers_test.py',
   'train_test.py',
   'inference_test.py',
   'runs_test.py',
-  'recipe_test.py',
   'train_wiring_test.py',
-  'accelerator_test.py',
   'folders_test.py',
+  'recipe_test.py',
 )
 
 
