@@ -1,5 +1,7 @@
 """Tests of the layers diagnosed and their activation moments."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +14,8 @@ from gunn_jax.errors import UserError
 
 def test_moments_equal_numpy_over_masked_batches_and_crops():
   model = models.create_model('gunn_tiny', 10)
-  variables = model.init(
-    jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False
+  variables = jax.jit(functools.partial(model.init, train=False))(
+    jax.random.key(0), jnp.zeros((1, 16, 16, 3))
   )
   rng = np.random.default_rng(3)
   images = rng.normal(size=(12, 16, 16, 3)).astype(np.float32)
@@ -26,9 +28,9 @@ def test_moments_equal_numpy_over_masked_batches_and_crops():
   ]
   moments = moments_lib.activation_moments(model, variables, batches, 7, layers)
   used = np.concatenate([images[:4], images[4:6], images[8:9]])
-  _, state = model.apply(
-    variables, used, train=False, mutable=['intermediates']
-  )
+  _, state = jax.jit(
+    functools.partial(model.apply, train=False, mutable=['intermediates'])
+  )(variables, used)
   assert moments['num_images'] == 7
   for layer in layers:
     (output,) = state['intermediates'][f'{layer.name}_output']

@@ -1,5 +1,6 @@
 """Tests of `diagnostics.diagnose`, the images it needs, and its callers."""
 
+import functools
 import json
 import os
 
@@ -13,10 +14,13 @@ from gunn_jax import diagnostics, metric_io, models, tools, train
 from gunn_jax.errors import UserError
 
 
+@functools.cache
 def tiny_model_and_variables():
+  """gunn_tiny and its variables, initialised once (jitted: eagerly, the
+  initialisation takes twice as long)."""
   model = models.create_model('gunn_tiny', 10)
-  variables = model.init(
-    jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False
+  variables = jax.jit(functools.partial(model.init, train=False))(
+    jax.random.key(0), jnp.zeros((1, 16, 16, 3))
   )
   return model, variables
 
