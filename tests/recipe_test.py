@@ -253,12 +253,9 @@ def test_residual_adds_each_segment_to_its_update(tiny_variables, residual):
     for leaf in ('scale', 'bias'):
       params['stage1_gunn']['units'][bn][leaf][:] = 0
   images = np.random.default_rng(0).normal(size=(2, 8, 8, 3))
-  _, state = model.apply(
-    {**tiny_variables, 'params': params},
-    images.astype(np.float32),
-    train=False,
-    mutable=['intermediates'],
-  )
+  _, state = jax.jit(
+    functools.partial(model.apply, train=False, mutable=['intermediates'])
+  )({**tiny_variables, 'params': params}, images.astype(np.float32))
   (layer_input,) = state['intermediates']['stage1_transition_output']
   (output,) = state['intermediates']['stage1_gunn_output']
   assert np.any(layer_input)
