@@ -55,8 +55,9 @@ def init(layer, x):
   )
 
 
-def init_float64(layer, x):
-  """Float64 variables with non-trivial BN statistics and scales.
+def init_float64(x):
+  """Float64 variables with non-trivial BN statistics and scales, for input
+  `x`.
 
   The float64 layers of this file differ only in options that change no
   variable (mode, residual, Algorithm 1, BatchNorm sums and groups, conv
@@ -64,7 +65,6 @@ def init_float64(layer, x):
   shape, by `make_layer()`: one compile instead of one per layer (~2 s each
   on 2 cores). A layer with other variables fails to apply them.
   """
-  del layer
   return _float64_variables(x.shape)
 
 
@@ -115,7 +115,7 @@ def test_layer_equals_reference_loop(mode, residual, train):
   with jax.enable_x64(True):
     x = normal((4, 5, 5, CHANNELS))
     layer = make_layer(mode, residual)
-    variables = init_float64(layer, x)
+    variables = init_float64(x)
     y, updated = jax.jit(
       functools.partial(layer.apply, train=train, mutable=['batch_stats'])
     )(variables, x)
@@ -151,7 +151,7 @@ def test_last_segment_sees_first_unit_only_when_gradual(mode, depends):
 
 def train_mode_gradients(layer, x, scalar_fn):
   """Output y, BN updates and d scalar_fn(y) / d(params, x) in training mode."""
-  variables = init_float64(layer, x)
+  variables = init_float64(x)
 
   def loss(params, images):
     y, updated = layer.apply(
