@@ -2,8 +2,8 @@
 
 import functools
 
+import helpers
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,9 +14,7 @@ from gunn_jax.errors import UserError
 
 def test_moments_equal_numpy_over_masked_batches_and_crops():
   model = models.create_model('gunn_tiny', 10)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-    jax.random.key(0), jnp.zeros((1, 16, 16, 3))
-  )
+  variables = helpers.init_variables(model, (16, 16, 3))
   rng = np.random.default_rng(3)
   images = rng.normal(size=(12, 16, 16, 3)).astype(np.float32)
   layers = moments_lib.layers_of(model)

@@ -1,9 +1,7 @@
 """Tests of section 4's measurements on inputs whose answer is known."""
 
-import functools
-
+import helpers
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -78,9 +76,7 @@ def test_zero_variance_channels_are_eliminated_not_correlated():
 
 def test_update_scales_are_the_norms_of_the_last_batchnorm_scales():
   model = models.create_model('gunn_tiny', 10)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-    jax.random.key(0), jnp.zeros((1, 16, 16, 3))
-  )
+  variables = helpers.init_variables(model, (16, 16, 3))
   params = jax.tree.map(np.asarray, variables['params'])
   units = params['stage1_gunn']['units']
   units['b1_bn3']['scale'] = np.array([[3.0, 0.0, 1.0, 2.0], [1.0] * 4])

@@ -4,6 +4,7 @@ import functools
 import json
 import os
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,12 +17,9 @@ from gunn_jax.errors import UserError
 
 @functools.cache
 def tiny_model_and_variables():
-  """gunn_tiny and its variables, initialised once (jitted: eagerly, the
-  initialisation takes twice as long)."""
+  """gunn_tiny and its variables, initialised once."""
   model = models.create_model('gunn_tiny', 10)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-    jax.random.key(0), jnp.zeros((1, 16, 16, 3))
-  )
+  variables = helpers.init_variables(model, (16, 16, 3))
   return model, variables
 
 
