@@ -85,7 +85,7 @@ def test_process_prints_one_line_and_no_traceback(tmp_path):
   env = dict(
     os.environ,
     JAX_PLATFORMS='cpu',
-    XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    XLA_FLAGS=helpers.xla_flags_with_devices(8),
   )
   result = subprocess.run(
     [

@@ -37,7 +37,7 @@ def gradients(tmp_path_factory):
   assert multi[0] == 0, multi[1][-3000:]
   alone = helpers.run_python(
     [program, str(root / 'alone'), '1', '4'],
-    XLA_FLAGS='--xla_force_host_platform_device_count=4',
+    XLA_FLAGS=helpers.xla_flags_with_devices(4),
   )
   assert alone[0] == 0, alone[1][-3000:]
   paths = {

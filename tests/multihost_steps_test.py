@@ -41,7 +41,7 @@ def float64_runs(tmp_path_factory):
   (root / 'alone').mkdir()
   status, output = helpers.run_python(
     [program, str(root / 'alone'), '1', '4'],
-    XLA_FLAGS='--xla_force_host_platform_device_count=4',
+    XLA_FLAGS=helpers.xla_flags_with_devices(4),
   )
   assert status == 0, output[-3000:]
   paths = {

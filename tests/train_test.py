@@ -411,10 +411,7 @@ def _subprocess_env(num_devices=1):
     JAX_PLATFORMS='cpu',
     PYTHONPATH=REPO_ROOT,
   )
-  env['XLA_FLAGS'] = (
-    env.get('XLA_FLAGS', '')
-    + f' --xla_force_host_platform_device_count={num_devices}'
-  )
+  env['XLA_FLAGS'] = helpers.xla_flags_with_devices(num_devices)
   return env
 
 
