@@ -10,6 +10,7 @@ stopped prints one `error:` line and exits with status 1
 (`gunn_jax/distributed.py`; README.md, "When a host fails").
 """
 
+import gc
 import json
 import sys
 
@@ -111,4 +112,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # The imports leave about 500,000 objects that Python's cyclic garbage
+  # collector would otherwise scan again and again while JAX traces the
+  # model; frozen, they are never collected (and never were garbage). The
+  # tiny config's run: 13.4 -> 12.4 s on 2 cores.
+  gc.freeze()
   app.run(main)
