@@ -21,7 +21,6 @@ import time
 
 import jax
 import numpy as np
-from absl import app
 
 import main
 from gunn_jax import checkpointing, train
@@ -85,4 +84,4 @@ if __name__ == '__main__':
   bad = os.environ.get('GUNN_TEST_BAD_DATA_PROCESS')
   if bad is not None and bad == os.environ.get('JAX_PROCESS_ID'):
     sys.argv.append('--config.dataset=folder:/nonexistent/gunn_data')
-  app.run(main.main)
+  main.run()
