@@ -74,18 +74,19 @@ if FAST_COMPILE_FLAG not in os.environ.get('XLA_FLAGS', ''):
 # longest first (`pytest --durations`).
 LONGEST_FIRST = (
   'multihost_test.py',
-  'notebook_test.py',
   'multihost_steps_test.py',
+  'notebook_test.py',
+  'train_wiring_test.py',
+  'train_test.py',
+  'layers_test.py',
+  'runs_test.py',
+  'readme_test.py',
+  'inference_test.py',
+  'folders_test.py',
   'multihost_gradients_test.py',
   'accelerator_test.py',
-  'readme_test.py',
-  'layers_test.py',
-  'train_test.py',
-  'inference_test.py',
-  'runs_test.py',
-  'train_wiring_test.py',
-  'folders_test.py',
-  'recipe_test.py',
+  'models_test.py',
+  'downloads_test.py',
 )
 
 
