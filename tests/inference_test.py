@@ -392,11 +392,15 @@ def test_cli_ensemble_prints_json_lines(run, capsys, monkeypatch):
   }
 
 
-def test_cli_errors_are_one_line(run, tmp_path, capsys):
+def test_cli_errors_are_one_line(run, capsys):
   assert tools.main(['classify', f'--workdir={run}', 'missing.png']) == 2
   err = capsys.readouterr().err
   assert err.startswith('error: Cannot read image missing.png')
   assert err.count('\n') == 1
+
+
+@pytest.mark.slow
+def test_cli_process_exits_with_status_2_and_one_line(tmp_path):
   process = subprocess.run(
     [
       sys.executable,
