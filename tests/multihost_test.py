@@ -6,7 +6,6 @@ as a pod's hosts start them, on the quickstart config shrunk to gunn_tiny on
 8x8 digits.
 """
 
-import concurrent.futures
 import os
 import re
 import shutil
@@ -115,22 +114,16 @@ def runs(tmp_path_factory):
     multi, GUNN_TEST_KILL_AT_STEP='4', GUNN_TEST_DUMP_DIR=str(root)
   )
   shutil.copytree(multi, root / 'killed_at_4')
-  # The relaunch waits most of its time for its late process (and the lost
-  # worker's run for the silence to last the peer timeout): the next runs
-  # go on meanwhile, one at a time.
-  with concurrent.futures.ThreadPoolExecutor(1) as background:
-    resumed = background.submit(
-      launch,
-      multi,
-      GUNN_TEST_DUMP_DIR=str(multi),
-      GUNN_TEST_FINISH_LATE_S=str(2 * PEER_TIMEOUT_S),
-    )
-    lost = start_hosts(
-      worker_lost, GUNN_TEST_KILL_AT_STEP='2', GUNN_TEST_KILL_PROCESS='1'
-    )
-    preemption = start_hosts(preempted, GUNN_TEST_TERM_AT_STEP='2')
-    resumed = resumed.result()
+  resumed = launch(
+    multi,
+    GUNN_TEST_DUMP_DIR=str(multi),
+    GUNN_TEST_FINISH_LATE_S=str(2 * PEER_TIMEOUT_S),
+  )
+  preemption = start_hosts(preempted, GUNN_TEST_TERM_AT_STEP='2')
   after_preemption = start_hosts(preempted, GUNN_TEST_DUMP_DIR=str(preempted))
+  lost = start_hosts(
+    worker_lost, GUNN_TEST_KILL_AT_STEP='2', GUNN_TEST_KILL_PROCESS='1'
+  )
   resized = {
     topology: resume_on(root, root / 'killed_at_4', topology)
     for topology in ('1x4', '1x2', '1x3')
