@@ -106,7 +106,8 @@ def optimized_compile():
   """Compiles with XLA's optimisations on, as `main.py` runs by default.
 
   For modules that test what the optimising compiler does (fused
-  reductions, buffer reuse).
+  reductions, buffer reuse). The elementwise generator stays the older
+  one (`FAST_COMPILE_FLAG` is read once per process).
   """
   previous = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', False)
