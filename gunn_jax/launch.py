@@ -47,19 +47,13 @@ def _environment(index: int, count: int, port: int, devices: int) -> dict:
     PYTHONUNBUFFERED='1',
   )
   env.setdefault('JAX_PLATFORMS', 'cpu')
-  env['XLA_FLAGS'] = xla_flags_with_devices(devices)
-  return env
-
-
-def xla_flags_with_devices(devices: int) -> str:
-  """This process's `XLA_FLAGS` with `devices` host CPU devices added, for
-  a process it starts."""
-  return ' '.join(
+  env['XLA_FLAGS'] = ' '.join(
     [
-      os.environ.get('XLA_FLAGS', ''),
+      env.get('XLA_FLAGS', ''),
       f'--xla_force_host_platform_device_count={devices}',
     ]
   ).strip()
+  return env
 
 
 def _forward(index: int, stream, lock: threading.Lock) -> None:

@@ -58,7 +58,7 @@ jax.config.update(
 )
 # XLA:CPU's older elementwise code generator, in this process (read when the
 # first computation starts the CPU backend) and in the subprocesses, which
-# inherit `XLA_FLAGS` (`gunn_jax.launch.xla_flags_with_devices` adds devices):
+# inherit `XLA_FLAGS` (`helpers.xla_flags_with_devices` adds devices to it):
 # gunn_tiny's training step compiles in 1.7 s instead of 2.4 s. The
 # values agree with the default generator's to float rounding (float64
 # tests keep their 1e-12 bounds); the XLA:CPU traps that tests pin down

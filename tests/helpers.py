@@ -54,6 +54,17 @@ def run_main(*argv) -> int:
   return 0
 
 
+def xla_flags_with_devices(count: int) -> str:
+  """This process's `XLA_FLAGS` (the test compiler options of
+  `conftest.py`) with `count` host CPU devices, for a subprocess."""
+  return ' '.join(
+    [
+      os.environ.get('XLA_FLAGS', ''),
+      f'--xla_force_host_platform_device_count={count}',
+    ]
+  ).strip()
+
+
 def run_python(args, **env) -> tuple[int, str]:
   """Runs Python with `args` in the repository (on CPU, `env` added);
   returns (exit status, stdout and stderr)."""

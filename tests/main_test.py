@@ -9,8 +9,6 @@ import helpers
 import pytest
 from helpers import REPO_ROOT, TINY
 
-from gunn_jax import launch
-
 
 def run_main(workdir, *args):
   """`main.py --config=configs/tiny.py --workdir=WORKDIR ARGS...`."""
@@ -87,7 +85,7 @@ def test_process_prints_one_line_and_no_traceback(tmp_path):
   env = dict(
     os.environ,
     JAX_PLATFORMS='cpu',
-    XLA_FLAGS=launch.xla_flags_with_devices(8),
+    XLA_FLAGS=helpers.xla_flags_with_devices(8),
   )
   result = subprocess.run(
     [

@@ -9,8 +9,6 @@ import helpers
 import numpy as np
 import pytest
 
-from gunn_jax import launch
-
 pytestmark = pytest.mark.slow
 
 
@@ -39,7 +37,7 @@ def gradients(tmp_path_factory):
   assert multi[0] == 0, multi[1][-3000:]
   alone = helpers.run_python(
     [program, str(root / 'alone'), '1', '4'],
-    XLA_FLAGS=launch.xla_flags_with_devices(4),
+    XLA_FLAGS=helpers.xla_flags_with_devices(4),
   )
   assert alone[0] == 0, alone[1][-3000:]
   paths = {

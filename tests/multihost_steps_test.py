@@ -8,8 +8,6 @@ see docs/multihost.md.
 import helpers
 import pytest
 
-from gunn_jax import launch
-
 pytestmark = pytest.mark.slow
 
 
@@ -43,7 +41,7 @@ def float64_runs(tmp_path_factory):
   (root / 'alone').mkdir()
   status, output = helpers.run_python(
     [program, str(root / 'alone'), '1', '4'],
-    XLA_FLAGS=launch.xla_flags_with_devices(4),
+    XLA_FLAGS=helpers.xla_flags_with_devices(4),
   )
   assert status == 0, output[-3000:]
   paths = {

@@ -19,7 +19,6 @@ import pytest
 
 from configs import quickstart
 from gunn_jax import checkpointing, datasets, metric_io
-from gunn_jax.launch import xla_flags_with_devices
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +64,7 @@ def start_hosts(workdir, **env):
         'JAX_COORDINATOR_ADDRESS': f'localhost:{port}',
         'JAX_NUM_PROCESSES': '2',
         'JAX_PROCESS_ID': str(index),
-        'XLA_FLAGS': xla_flags_with_devices(2),
+        'XLA_FLAGS': helpers.xla_flags_with_devices(2),
         **env,
       },
       stdout=subprocess.PIPE,
@@ -154,7 +153,7 @@ def resume_on(root, base, topology, *flags):
   processes, devices = (int(n) for n in topology.split('x'))
   env = dict(GUNN_TEST_DUMP_DIR=str(workdir))
   if processes == 1:
-    env['XLA_FLAGS'] = xla_flags_with_devices(devices)
+    env['XLA_FLAGS'] = helpers.xla_flags_with_devices(devices)
     return workdir, helpers.run_python([*main_args(workdir), *flags], **env)
   launcher = [
     '-m',

@@ -18,7 +18,6 @@ from configs import base, cifar10, imagenet, tiny
 from gunn_jax import (
   checkpointing,
   datasets,
-  launch,
   metric_io,
   optimization,
   sharding,
@@ -412,7 +411,7 @@ def _subprocess_env(num_devices=1):
     JAX_PLATFORMS='cpu',
     PYTHONPATH=REPO_ROOT,
   )
-  env['XLA_FLAGS'] = launch.xla_flags_with_devices(num_devices)
+  env['XLA_FLAGS'] = helpers.xla_flags_with_devices(num_devices)
   return env
 
 
