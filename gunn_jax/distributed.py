@@ -12,6 +12,13 @@ finds the others:
     three from the cluster; nothing needs to be given.
   * Otherwise: a single process, and no runtime is started.
 
+JAX joins a cluster only if nothing has started it yet. Where JAX already
+runs (a notebook, a test calling `main.main` again), `initialize` keeps the
+single process, unless the explicit variables or the cluster's
+(`cluster_processes`: SLURM, Open MPI, Cloud TPU on GKE or multislice) say
+that this is one of several processes: every one would then train alone into
+the same workdir, so that is a `UserError`.
+
 CPU processes exchange collectives through gloo, chosen here when
 `JAX_PLATFORMS` starts with `cpu`: the platform must be known before JAX
 starts a backend. (Unset, JAX 0.10 also picks gloo.) Gloo connects the
@@ -22,13 +29,14 @@ while the processes are together (`_connect_cpu_devices`).
 A process that fails or dies ends the run. Each process writes a sign of
 life into JAX's key-value store every `peer_timeout_s / 10` seconds and reads
 the others' (`_PeerWatch`); when one has been silent for `peer_timeout_s`, or
-process 0 (which holds the store) cannot be reached, every survivor prints
-one `error:` line (what stopped, and that the same command resumes) and exits
-with status 1. JAX's own heartbeat timeout, twice as long, is the backstop
-(it aborts with a C++ stack dump). Processes that finish their work minutes
-apart still end normally: `mark_finished` tells the others that this one
-stopped on purpose, and JAX's shutdown barrier, which every process enters
-when it exits, waits up to `FINISH_TIMEOUT_S` for the last one.
+process 0 (which holds the store) cannot be reached (`KV_TRIES` failed tries,
+`KV_RETRY_PAUSE_S` apart), every survivor prints one `error:` line (what
+stopped, and that the same command resumes) and exits with status 1. JAX's
+own heartbeat timeout, twice as long, is the backstop (it aborts with a C++
+stack dump). Processes that finish their work minutes apart still end
+normally: `mark_finished` tells the others that this one stopped on purpose,
+and JAX's shutdown barrier, which every process enters when it exits, waits
+up to `FINISH_TIMEOUT_S` for the last one.
 """
 
 import atexit
@@ -37,6 +45,7 @@ import os
 import sys
 import threading
 import time
+from typing import Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +57,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gunn_jax.errors import UserError
 
+T = TypeVar('T')
+
 # Seconds every process waits for all of them to connect (hosts of a pod or
 # cluster may start minutes apart).
 INITIALIZATION_TIMEOUT_S = 300
@@ -56,6 +67,11 @@ INITIALIZATION_TIMEOUT_S = 300
 # evaluation, or tearing down slowly (with the peer timeout here, 2-process
 # runs failed at that barrier after their work in about 2 of 5 runs).
 FINISH_TIMEOUT_S = 1800
+# Tries of a key-value store request of the peer watch, and the seconds
+# between them, before process 0 counts as lost (a request can fail once on
+# a busy network while process 0 is fine).
+KV_TRIES = 3
+KV_RETRY_PAUSE_S = 1.0
 
 
 def _from_env(value, name: str, cast=str):
@@ -85,7 +101,9 @@ def initialize(
       which ends the run (JAX's heartbeat timeout is twice this).
 
   Raises:
-    UserError: if only some of the three are given.
+    UserError: if only some of the three are given, or if JAX has already
+      started although this is one of several processes (the three, or
+      `cluster_processes`).
   """
   explicit = (
     _from_env(coordinator_address, 'JAX_COORDINATOR_ADDRESS'),
@@ -97,6 +115,13 @@ def initialize(
       'Give all of coordinator address, number of processes and process id '
       f'(flags or JAX_* variables), got {explicit}.'
     )
+  if xla_bridge.backends_are_initialized():
+    if jax.process_count() > 1:
+      return  # Joined by an earlier call.
+    # A notebook, or a test calling main() again: too late to join a cluster.
+    _refuse_late_start(explicit[1])
+    logging.info('JAX already started: staying a single process.')
+    return
   platforms = jax.config.jax_platforms or ''
   if platforms.split(',')[0] == 'cpu':
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -108,10 +133,6 @@ def initialize(
   if explicit[0] is not None:
     jax.distributed.initialize(*explicit, **timeouts)
     _start(peer_timeout_s)
-  elif xla_bridge.backends_are_initialized():
-    # JAX already runs (a notebook, or a test calling main() again): too
-    # late to join a cluster, and an explicit request would have failed.
-    logging.info('JAX already started: staying a single process.')
   else:
     try:
       # With no arguments JAX asks the cluster (TPU VM metadata, SLURM, ...).
@@ -121,6 +142,48 @@ def initialize(
       logging.debug('No cluster detected: running as a single process.')
     else:
       _start(peer_timeout_s)
+
+
+def cluster_processes() -> tuple[str, int]:
+  """(which cluster, how many) processes the cluster's environment variables
+  say this one belongs to; ('', 1) outside such clusters.
+
+  From the environment only (JAX's detection, `jax._src.clusters`, also asks
+  a Cloud TPU VM's metadata server, which this does not):
+    * SLURM: `SLURM_STEP_NUM_TASKS` (else `SLURM_NTASKS`) in a job step that
+      `srun` started (`SLURM_STEP_NODELIST` set, as JAX requires); a batch
+      script or `salloc` shell outside `srun` is one process.
+    * Open MPI: `OMPI_COMM_WORLD_SIZE`.
+    * Cloud TPU on GKE: the hosts in `TPU_PROCESS_ADDRESSES` (else
+      `TPU_WORKER_HOSTNAMES`) times `MEGASCALE_NUM_SLICES`. TPU VMs made
+      with gcloud list their hosts only in the metadata server: not counted.
+  """
+  env = os.environ
+  tasks = env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS')
+  if 'SLURM_STEP_NODELIST' in env and tasks:
+    return 'SLURM (srun)', int(tasks)
+  if env.get('OMPI_COMM_WORLD_SIZE'):
+    return 'Open MPI (mpirun)', int(env['OMPI_COMM_WORLD_SIZE'])
+  hosts = env.get('TPU_PROCESS_ADDRESSES') or env.get('TPU_WORKER_HOSTNAMES')
+  count = len(hosts.split(',')) if hosts else 1
+  count *= int(env.get('MEGASCALE_NUM_SLICES') or 1)
+  return ('Cloud TPU', count) if count > 1 else ('', 1)
+
+
+def _refuse_late_start(num_processes: int | None) -> None:
+  """Raises UserError if JAX, already started, should have joined others
+  (`num_processes` given explicitly, or `cluster_processes`)."""
+  where, count = cluster_processes()
+  if num_processes is not None:
+    where, count = 'JAX_NUM_PROCESSES or --num_processes', num_processes
+  if count > 1:
+    raise UserError(
+      f'{where} says this is one of {count} processes, but JAX was started '
+      'before gunn_jax.distributed.initialize, so it cannot join them (each '
+      'would train alone into the same workdir); call '
+      'distributed.initialize before any other JAX call, in a new process '
+      '(as main.py does).'
+    )
 
 
 def end_run(reason: str) -> None:
@@ -166,7 +229,9 @@ class _PeerWatch(threading.Thread):
   def mark_finished(self) -> None:
     with self._lock:
       self._finished = True
-      self._client.key_value_set(self._key, self._FINISHED, True)
+      _retrying(
+        lambda: self._client.key_value_set(self._key, self._FINISHED, True)
+      )
 
   def stop(self) -> None:
     """Stops watching (at exit, before JAX shuts its client down)."""
@@ -186,7 +251,7 @@ class _PeerWatch(threading.Thread):
     last_news = dict.fromkeys(range(count), (None, time.monotonic()))
     while not self._stopping.wait(self._timeout / 10):
       try:
-        values = self._beat()
+        values = _retrying(self._beat)
       except Exception as e:  # The store's process is gone.
         if not self._stopping.is_set():
           end_run(f'process 0 cannot be reached ({first_line(e)})')
@@ -206,6 +271,17 @@ class _PeerWatch(threading.Thread):
           f'process {silent[0]} sent no sign of life for '
           f'{self._timeout} s (stopped, or its host was lost)'
         )
+
+
+def _retrying(request: Callable[[], T]) -> T:
+  """`request()` to the key-value store, tried up to `KV_TRIES` times."""
+  for _ in range(KV_TRIES - 1):
+    try:
+      return request()
+    except Exception as e:  # noqa: BLE001 - JAX's errors, and the client's.
+      logging.warning('Key-value store: %s; trying again.', first_line(e))
+      time.sleep(KV_RETRY_PAUSE_S)
+  return request()
 
 
 _watch: _PeerWatch | None = None
