@@ -14,7 +14,10 @@ unset) and `config.download_data` is on (the default):
     `CONNECT_TIMEOUT_S` limit, so the error comes in seconds (TFDS's own
     retries take minutes).
 
-Every failure is one `UserError` line, the same on every process.
+Every failure is one `UserError` line. Where the data are missing on some
+hosts only (with `config.download_data=False`, or a host of its own that
+cannot download), only those fail here; `agreement.py` then gives every
+process the same line, naming the first host that failed.
 """
 
 import os
