@@ -11,6 +11,10 @@
 * The longest files come first (`LONGEST_FIRST`), so that pytest-xdist
   (`-n auto`, the README's command; `pyproject.toml` sends whole files to
   workers) starts them while the short ones fill the other workers.
+* `gcs` serves `gs://` paths from a local server (`local_gcs.py`) to this
+  process and its subprocesses; `gcs_bucket` gives a test a new bucket.
+  TensorFlow reads `GCS_STAT_CACHE_MAX_AGE` once, when it is imported, so
+  it is set here, before `helpers` imports TensorFlow.
 * XLA's persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`, by default
   in the system's temp dir) is shared by this process and the `main.py`
   subprocesses that tests start, for programs of any compile time: on 2 CPU
@@ -25,12 +29,17 @@ import sys
 import tempfile
 
 import jax
+import local_gcs
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))
 
+# TensorFlow's stat cache would report a renamed or deleted gs:// directory
+# as still there; its age is read when TensorFlow loads (the `gcs` fixture
+# sets the same value, for subprocesses).
+os.environ.setdefault('GCS_STAT_CACHE_MAX_AGE', '0')
 import helpers  # noqa: E402  (needs the repository root on sys.path)
 
 os.environ.setdefault(
@@ -122,6 +131,28 @@ def mock_tfds(tmp_path):
   Configs must use `tmp_path` as `data_dir`.
   """
   return functools.partial(helpers.mock_tfds, tmp_path)
+
+
+@pytest.fixture(scope='session')
+def gcs():
+  """A `local_gcs.LocalGcs` for the session (one per xdist worker; it
+  starts in about 0.1 s).
+
+  Its variables (`environment()`) are in `os.environ` until the session
+  ends, so that this process and the `main.py` runs tests start reach it.
+  """
+  with local_gcs.LocalGcs() as server, pytest.MonkeyPatch.context() as env:
+    for name, value in server.environment().items():
+      env.setenv(name, value)
+    yield server
+
+
+@pytest.fixture
+def gcs_bucket(gcs):
+  """`gs://NAME` of a new bucket on `gcs`, whose server runs (an earlier
+  test may have stopped it)."""
+  gcs.start()
+  return f'gs://{gcs.create_bucket()}'
 
 
 def pytest_collection_finish(session):
