@@ -42,8 +42,10 @@ Clients reach it through standard environment variables only, which
 * `GCS_STAT_CACHE_MAX_AGE=0`: TensorFlow's stat cache would otherwise
   report a renamed directory as still there. TensorFlow reads it once, when
   `import tensorflow` loads its GCS filesystem: set it before that import.
-* `GOOGLE_AUTH_TOKEN_FOR_TESTING` and `NO_GCE_CHECK=true`: TensorFlow uses
-  a fixed token instead of looking for credentials or a metadata server.
+* `GOOGLE_AUTH_TOKEN_FOR_TESTING`: TensorFlow and TensorStore use this
+  token instead of looking for credentials (without it TensorStore asks DNS
+  for the GCE metadata server); `NO_GCE_CHECK=true`: TensorFlow does not
+  look for that server either.
 
 Run `python tests/local_gcs.py [ROOT]` to serve a bucket until Ctrl-C; it
 prints the `export` lines for a shell.
