@@ -286,23 +286,70 @@ def test_eval_counts_the_whole_test_split_once(runs):
   assert all(r['num_examples'] == num_eval for r in evals)
 
 
-def test_failure_of_one_process_ends_the_run(tmp_path):
-  """Process 1 fails with a one-line error, and the whole run stops."""
-  status, output = launch(tmp_path / 'run', GUNN_TEST_BAD_DATA_PROCESS='1')
-  assert status != 0
-  assert re.search(
-    r'\[process 1\] error: Image folder /nonexistent/gunn_data does not '
-    'exist',
-    output,
+def test_hosts_with_other_configs_stop_before_writing(tmp_path):
+  """Process 1 is started with another dataset (a host given other flags):
+  every process stops with the same line before anything is written."""
+  workdir = tmp_path / 'run'
+  results = start_hosts(workdir, GUNN_TEST_BAD_DATA_PROCESS='1')
+  for status, output in results:
+    assert status == 2, output[-3000:]
+    assert 'Traceback' not in output
+    errors = [line for line in output.splitlines() if 'error:' in line]
+    assert errors == [
+      'error: process 1 of 2 differs from process 0 in its config: dataset '
+      "'folder:/nonexistent/gunn_data' vs 'digits' on process 0. Give every "
+      'host the same --config and data.'
+    ]
+  assert not workdir.exists()
+
+
+@pytest.fixture(scope='module')
+def agreement(tmp_path_factory):
+  """`multihost_agreement.py` on CIFAR-10 prepared with 20 and with 25
+  training images (and missing); returns its root, status and output."""
+  root = tmp_path_factory.mktemp('agreement')
+  for name, per_file in (('small', 4), ('large', 5)):
+    archive = helpers.write_cifar10_archive(root / f'{name}_files', per_file)
+    config = quickstart.get_config()
+    config.dataset, config.data_dir = 'cifar10', str(root / name)
+    with helpers.fake_cifar10_download(archive):
+      datasets.get_dataset_info(config)
+  (root / 'empty').mkdir()
+  status, output = helpers.run_python(
+    [
+      '-m',
+      'gunn_jax.launch',
+      '--num_processes=2',
+      '--',
+      'tests/multihost_agreement.py',
+      root,
+    ]
   )
-  # The launcher names the first process to exit: process 1, or process 0
-  # when JAX's coordination service aborts it as process 1 shuts down.
-  assert re.search(
-    r'gunn_jax.launch: process [01] failed with exit status -?\d+; stopping '
-    'the other processes.',
-    output,
+  return root, status, output
+
+
+def test_hosts_with_other_or_missing_data_stop_with_one_line(agreement):
+  """Each case's line is the same on both processes, names the process
+  that differs or failed, and comes before anything is written."""
+  root, status, output = agreement
+  assert status == 0, output[-3000:]
+  missing = (
+    f'TFDS dataset cifar10 is not prepared in {root / "empty"} and '
+    'config.download_data is False; set it to True, or on a machine with '
+    'internet run `tfds build cifar10 --data_dir=DIR` and set '
+    'config.data_dir=DIR.'
   )
-  # Process 0 is stopped by the launcher, or first reports the silence of
-  # process 1 (which waits at JAX's shutdown barrier).
-  for line in re.findall(r'\[process 0\] error: .*', output):
-    assert 'process 1 sent no sign of life' in line
+  expected = {
+    'differ': 'process 1 of 2 differs from process 0 in its data: '
+    'num_eval_examples 5 vs 4 on process 0; num_train_examples 25 vs 20 on '
+    'process 0. Give every host the same --config and data.',
+    'missing_on_1': f'process 1 of 2: {missing}',
+    'missing_on_0': f'process 0 of 2: {missing}',
+    'missing_everywhere': missing,
+    'agreed': '20 training images',
+  }
+  for process in (0, 1):
+    cases = '|'.join(expected)
+    lines = re.findall(rf'\[process {process}\] ({cases}): (.*)', output)
+    assert dict(lines) == expected, output[-3000:]
+  assert not (root / 'work').exists()
