@@ -13,11 +13,10 @@ complete; on object stores (`gs://`) it writes straight into the step
 directory, so a host that dies mid-save leaves a step directory without the
 marker. Such a directory is not a checkpoint: every reader here (resume, the
 config-change check, evaluation, the tools) skips it with one warning line
-and uses the last finished step, and a training run moves it aside to
-`<step>.unfinished` before it saves again.
+and uses the last finished step, and a training run deletes it before it
+saves again (moving it aside would copy every object on `gs://`).
 """
 
-import os
 import signal
 import threading
 import uuid
@@ -29,7 +28,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from gunn_jax.errors import UserError
+from gunn_jax import storage
+from gunn_jax.errors import UserError, first_line
 
 # The metric that ranks checkpoints for `which='best'`.
 BEST_METRIC = 'top1_error'
@@ -50,11 +50,8 @@ logging.get_absl_logger().addFilter(_drop_expected_warnings)
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
-  workdir = str(workdir)
-  if '://' not in workdir:
-    # Orbax refuses relative paths (e.g. --workdir=runs/quickstart).
-    workdir = os.path.abspath(workdir)
-  return epath.Path(workdir) / 'checkpoints'
+  # Orbax refuses relative paths (e.g. --workdir=runs/quickstart).
+  return epath.Path(storage.absolute(workdir)) / 'checkpoints'
 
 
 def _step_directories(directory: epath.Path) -> tuple[list, list]:
@@ -91,20 +88,16 @@ def latest_step(workdir: str) -> int | None:
   return int(finished[-1].name) if finished else None
 
 
-def _move_unfinished_aside(directory: epath.Path) -> None:
-  """Renames unfinished step directories to `<step>.unfinished[.k]`, so that
-  a new save of that step can be written (process 0 only)."""
+def _delete_unfinished(directory: epath.Path) -> None:
+  """Deletes unfinished step directories, so that a new save of that step
+  can be written (process 0 only; the other processes have not started
+  saving yet)."""
   if jax.process_index() != 0:
     return
   _, unfinished = _step_directories(directory)
-  _warn_unfinished(unfinished, 'moved aside to <step>.unfinished')
+  _warn_unfinished(unfinished, 'deleted')
   for path in unfinished:
-    target = path.parent / f'{path.name}.unfinished'
-    suffix = 0
-    while target.exists():
-      suffix += 1
-      target = path.parent / f'{path.name}.unfinished.{suffix}'
-    path.rename(target)
+    path.rmtree()
 
 
 def ensure_writable(workdir: str) -> None:
@@ -119,10 +112,14 @@ def ensure_writable(workdir: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     probe.write_text('')
     probe.unlink()
-  except OSError as e:
+  except Exception as e:  # noqa: BLE001 - OSError, or the object store's.
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+    hint = 'choose another --workdir'
+    if storage.is_url(workdir):
+      hint = 'check that the bucket exists and that these credentials may '
+      hint += 'write to it (README.md, "Training on a TPU pod or a cluster")'
     raise UserError(
-      f'workdir {workdir} is not writable ({e.strerror or e}); '
-      'choose another --workdir.'
+      f'workdir {workdir} is not writable ({first_line(reason)}); {hint}.'
     ) from e
 
 
@@ -153,7 +150,7 @@ def create_manager(
   if read_only:
     _warn_unfinished(_step_directories(directory)[1], 'skipped')
   else:
-    _move_unfinished_aside(directory)
+    _delete_unfinished(directory)
   preservation_policy = ocp.checkpoint_managers.AnyPreservationPolicy(
     [
       ocp.checkpoint_managers.LatestN(n=keep),

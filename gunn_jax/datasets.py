@@ -34,7 +34,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from gunn_jax import digits, downloads, errors, folders, preprocessing
+from gunn_jax import (
+  digits,
+  downloads,
+  errors,
+  folders,
+  preprocessing,
+  storage,
+)
 
 # TensorFlow only feeds the host; JAX owns the accelerators.
 tf.config.set_visible_devices([], 'GPU')
@@ -146,15 +153,15 @@ def _folder_root(config) -> str:
 
 
 def absolute_name(dataset: str) -> str:
-  """`folder:ROOT` with ROOT absolute (`~` expanded); other names as given.
+  """`folder:ROOT` with a local ROOT absolute (`~` expanded); URLs and other
+  names as given.
 
   Runs save this form, so that evaluating or resuming a run works from any
   working directory.
   """
   if not dataset.startswith(_FOLDER_PREFIX):
     return dataset
-  root = os.path.expanduser(dataset[len(_FOLDER_PREFIX) :])
-  return _FOLDER_PREFIX + os.path.abspath(root)
+  return _FOLDER_PREFIX + storage.absolute(dataset[len(_FOLDER_PREFIX) :])
 
 
 def _scan(config) -> folders.FolderScan:

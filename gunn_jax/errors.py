@@ -10,3 +10,12 @@ class UserError(ValueError):
 
   The message is one line that says what is wrong and what to do about it.
   """
+
+
+def first_line(error: BaseException | str) -> str:
+  """The first line of an error's message, for one-line messages (those of
+  TensorFlow's file system and TensorStore span many)."""
+  text = str(error).strip().splitlines()
+  if not text and isinstance(error, BaseException):
+    return type(error).__name__
+  return (text or [''])[0][:300]

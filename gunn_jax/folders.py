@@ -9,7 +9,10 @@ classifier needs two or more):
 
 `validation` or `test` may stand in for `val`. Images may sit in nested
 sub-folders of their class folder; symbolic links are followed (not back up
-the tree or into another class folder). Hidden files
+the tree or into another class folder). ROOT may be on an object store
+(`folder:gs://bucket/images`): it is listed one request per folder and read
+through `etils.epath` (`storage.py`), and its splits are the same as those
+of a local copy. Hidden files
 and folders (`.DS_Store`, `.ipynb_checkpoints`) and files without an image
 extension (`notes.txt`) are not images: they are counted and ignored.
 
@@ -19,7 +22,9 @@ reads the whole file), so that a corrupt or truncated file is found before
 training rather than in the middle of it. Files that fail are skipped and
 logged (count and first paths); more than `max_unreadable` of a split, or a
 split left empty, is an error. The result is kept for the process
-(invalidated when a class folder changes), not written anywhere; every
+(invalidated when a local class folder changes; object stores have no
+folder times, so there it is kept as long as the process runs), not
+written anywhere; every
 process of a multi-host run checks the whole folder (for ImageNet-size data
 TFDS, which needs no check, is the better source). Decoding
 with PIL reads every format it knows (JPEG, PNG, GIF, BMP, TIFF, WebP, ...)
@@ -43,15 +48,18 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import io
 import math
 import os
 import time
 
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image, ImageOps
 
-from gunn_jax.errors import UserError
+from gunn_jax import storage
+from gunn_jax.errors import UserError, first_line
 
 IMAGE_EXTENSIONS = frozenset(
   '.jpg .jpeg .jpe .jfif .png .apng .gif .bmp .dib .tif .tiff .webp .ppm '
@@ -99,7 +107,7 @@ def read_rgb(path: str | bytes) -> np.ndarray:
   """
   if isinstance(path, bytes):  # From tf.numpy_function.
     path = path.decode()
-  with Image.open(path) as image:
+  with _open_image(path) as image:
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith('I') or image.mode == 'F':  # Wide grey.
       values = np.nan_to_num(np.asarray(image, np.float64))
@@ -112,10 +120,15 @@ def read_rgb(path: str | bytes) -> np.ndarray:
     return np.asarray(image.convert('RGB'))
 
 
+def _open_image(path: str) -> Image.Image:
+  """The image file at `path` (local or on an object store), read whole."""
+  return Image.open(io.BytesIO(epath.Path(path).read_bytes()))
+
+
 def _probe(path: str) -> tuple[int, int] | None:
   """(height, width) of a decodable image file, else None."""
   try:
-    with Image.open(path) as image:
+    with _open_image(path) as image:
       width, height = image.size
       # JPEG: decode at 1/8 scale; the whole file is still read and checked.
       image.draft('RGB', (max(1, width // 8), max(1, height // 8)))
@@ -126,7 +139,33 @@ def _probe(path: str) -> tuple[int, int] | None:
 
 
 def _within(path: str, folder: str) -> bool:
-  return path == folder or path.startswith(folder + os.sep)
+  return path == folder or path.startswith(folder.rstrip('/') + '/')
+
+
+def _real(path: str) -> str:
+  """Where a local path leads after symbolic links (object stores have
+  none)."""
+  return path if storage.is_url(path) else os.path.realpath(path)
+
+
+def _entries(directory: str) -> tuple[list[str], list[str]]:
+  """Sorted (sub-folder names, file names) of `directory`.
+
+  Local: symbolic links to folders count as folders. Object stores: one
+  listing, in which TensorFlow's file system ends the names of sub-folders
+  with '/' (a status request per file would cost as much as reading it).
+  """
+  if storage.is_url(directory):
+    import tensorflow as tf  # Only for object stores; see datasets.py.
+
+    names = tf.io.gfile.listdir(directory)
+    folders = [name.rstrip('/') for name in names if name.endswith('/')]
+    files = [name for name in names if name and not name.endswith('/')]
+  else:
+    folders, files = [], []
+    for entry in os.scandir(directory):
+      (folders if entry.is_dir() else files).append(entry.name)
+  return sorted(folders), sorted(files)
 
 
 def _walk_images(directory: str, split: str) -> tuple[list[str], list[str]]:
@@ -136,41 +175,39 @@ def _walk_images(directory: str, split: str) -> tuple[list[str], list[str]]:
   folder, or to a folder already visited is not followed: every image
   belongs to one class, once.
   """
-  home, split = os.path.realpath(directory), os.path.realpath(split)
+  home, split = _real(directory), _real(split)
   images, others, seen = [], [], set()
-  for top, folders, files in os.walk(directory, followlinks=True):
-    real = os.path.realpath(top)
+
+  def visit(top: str) -> None:
+    real = _real(top)
     elsewhere = _within(real, split) and not _within(real, home)
     if real in seen or _within(split, real) or elsewhere:
-      folders[:] = []
-      continue
+      return
     seen.add(real)
-    folders[:] = sorted(f for f in folders if not f.startswith('.'))
-    for name in sorted(files):
-      path = os.path.join(top, name)
+    folders, files = _entries(top)
+    for name in files:
+      path = storage.join(top, name)
       is_image = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
       (images if is_image and not name.startswith('.') else others).append(path)
+    for name in folders:
+      if not name.startswith('.'):
+        visit(storage.join(top, name))
+
+  visit(directory)
   return images, others
-
-
-def _class_folders(directory: str) -> list[str]:
-  return sorted(
-    e.name
-    for e in os.scandir(directory)
-    if e.is_dir() and not e.name.startswith('.')
-  )
 
 
 def _list_split(directory: str) -> tuple[dict, list[str]]:
   """{class: image paths} of a split folder and its non-image files."""
-  files, others = {}, []
-  for entry in os.scandir(directory):
-    if entry.is_file():
-      others.append(entry.path)  # Files next to the class folders.
-  for name in _class_folders(directory):
-    class_dir = os.path.join(directory, name)
-    files[name], ignored = _walk_images(class_dir, directory)
-    others += ignored
+  folders, names = _entries(directory)
+  # Files next to the class folders are not images of a class.
+  others = [storage.join(directory, name) for name in names]
+  files = {}
+  for name in folders:
+    if not name.startswith('.'):
+      class_dir = storage.join(directory, name)
+      files[name], ignored = _walk_images(class_dir, directory)
+      others += ignored
   return files, others
 
 
@@ -225,7 +262,7 @@ def _arrays(per_class: dict, class_names: tuple) -> tuple[np.ndarray, ...]:
 
 def _held_out(path: str, class_dir: str, fraction: float) -> bool:
   """Whether `path` is a validation image: its hash, in [0, 1), < fraction."""
-  name = os.path.relpath(path, class_dir).replace(os.sep, '/')
+  name = storage.relative(path, class_dir)
   digest = hashlib.sha256(f'{HOLD_OUT_SEED}/{name}'.encode()).digest()
   return int.from_bytes(digest[:8], 'big') / 2**64 < fraction
 
@@ -236,21 +273,32 @@ def _hold_out(
   """Splits each class's images into (train, val), file by file."""
   train, val = {}, {}
   for name, images in per_class.items():
-    class_dir = os.path.join(directory, name)
+    class_dir = storage.join(directory, name)
     held = [_held_out(path, class_dir, fraction) for path, _ in images]
     train[name] = [x for x, h in zip(images, held) if not h]
     val[name] = [x for x, h in zip(images, held) if h]
   return train, val
 
 
+def _is_dir(path: str) -> bool:
+  return epath.Path(path).is_dir()
+
+
 def _split_folders(root: str) -> tuple[str, str | None]:
   """The training folder and the evaluation folder (None: hold out)."""
-  if not os.path.isdir(root):
+  try:
+    exists = _is_dir(root)
+  except Exception as e:  # noqa: BLE001 - the object store's errors.
+    raise UserError(
+      f'Image folder {root} cannot be read ({first_line(e)}); check the '
+      'path and, for a bucket, its credentials.'
+    ) from e
+  if not exists:
     raise UserError(f'Image folder {root} does not exist; {LAYOUT}.')
-  train = os.path.join(root, 'train')
-  vals = [os.path.join(root, v) for v in VAL_FOLDERS]
-  val = next((v for v in vals if os.path.isdir(v)), None)
-  if os.path.isdir(train):
+  train = storage.join(root, 'train')
+  vals = [storage.join(root, v) for v in VAL_FOLDERS]
+  val = next((v for v in vals if _is_dir(v)), None)
+  if _is_dir(train):
     return train, val
   if val is not None:
     raise UserError(f'{val} exists but {train} is missing; {LAYOUT}.')
@@ -258,7 +306,10 @@ def _split_folders(root: str) -> tuple[str, str | None]:
 
 
 def _signature(root: str) -> tuple:
-  """Modification times of the split and class folders (cache key)."""
+  """Modification times of the local split and class folders (cache key);
+  object stores have none."""
+  if storage.is_url(root):
+    return ()
   stamps = []
   for top in [root, *(os.path.join(root, d) for d in ('train', *VAL_FOLDERS))]:
     if os.path.isdir(top):
@@ -282,7 +333,7 @@ def scan(root: str, val_fraction: float, max_unreadable: float) -> FolderScan:
       split with too many unreadable images, or no val folder and
       `val_fraction` outside (0, 1).
   """
-  root = os.path.abspath(os.path.expanduser(root))
+  root = storage.absolute(root)
   return _scan(root, val_fraction, max_unreadable, _signature(root))
 
 
@@ -370,9 +421,7 @@ def split_files(folder: FolderScan) -> dict[str, list[str]]:
   relative to their split folder (`<class>/.../<file>`, '/'-separated)."""
 
   def relative(paths, directory):
-    return sorted(
-      os.path.relpath(p, directory).replace(os.sep, '/') for p in paths
-    )
+    return sorted(storage.relative(p, directory) for p in paths)
 
   return {
     'train': relative(folder.train_paths, folder.train_dir),

@@ -28,7 +28,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from gunn_jax import datasets
+from gunn_jax import datasets, storage
 from gunn_jax.errors import UserError
 
 CONFIG_FILE = 'config.json'
@@ -62,15 +62,6 @@ RUN_KEYS = (
 )
 
 
-def _write(path: epath.Path, data: str | bytes) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  if isinstance(data, str):
-    tmp.write_text(data)
-  else:
-    tmp.write_bytes(data)
-  tmp.replace(path)
-
-
 def save(
   workdir: str, config: ml_collections.ConfigDict, info: datasets.DatasetInfo
 ) -> None:
@@ -82,11 +73,15 @@ def save(
   directory = epath.Path(workdir)
   config = ml_collections.ConfigDict(config.to_dict())
   config.dataset = datasets.absolute_name(config.dataset)
-  _write(directory / CONFIG_FILE, config.to_json_best_effort(indent=2))
-  _write(directory / DATASET_FILE, json.dumps(info.to_json(), indent=2))
+  storage.write_whole(
+    directory / CONFIG_FILE, config.to_json_best_effort(indent=2)
+  )
+  storage.write_whole(
+    directory / DATASET_FILE, json.dumps(info.to_json(), indent=2)
+  )
   if info.split_fingerprints:
     files = json.dumps(datasets.split_files(config)).encode()
-    _write(directory / SPLIT_FILES, gzip.compress(files))
+    storage.write_whole(directory / SPLIT_FILES, gzip.compress(files))
 
 
 def _tuples(value: Any) -> Any:

@@ -21,13 +21,13 @@ Evaluation (single-crop or ten-crop) is `main.py --mode=eval`. A
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
+from etils import epath
 
-from gunn_jax import diagnostics, folders, inference
-from gunn_jax.errors import UserError
+from gunn_jax import diagnostics, folders, inference, storage
+from gunn_jax.errors import UserError, first_line
 
 
 def _checkpoint(value: str) -> str | int:
@@ -57,7 +57,8 @@ def _classify(args) -> None:
 def _features(args) -> None:
   model = inference.load(args.workdir, args.checkpoint)
   features = model.features(model.preprocess(_read_images(args.images)))
-  np.save(args.output, features)
+  with epath.Path(args.output).open('wb') as f:  # Also on gs://.
+    np.save(f, features)
   print(f'Saved features {list(features.shape)} to {args.output}.')
 
 
@@ -75,7 +76,7 @@ def _singularities(args) -> None:
   if not workdirs:
     raise UserError('Give --workdir=RUN, or --compare RUN_A RUN_B ...')
   figure = args.figure or (
-    os.path.join(workdirs[0], 'singularities.png')
+    storage.join(workdirs[0], 'singularities.png')
     if len(workdirs) == 1
     else 'singularities_compare.png'
   )
@@ -89,14 +90,14 @@ def _singularities(args) -> None:
       print(json.dumps({**run, **layer}))
     if args.hessian:
       print(json.dumps({**run, 'hessian': result['hessian']}))
-    label = f'{result["model"]} ({os.path.basename(os.path.normpath(workdir))})'
+    label = f'{result["model"]} ({epath.Path(workdir).name})'
     if label in runs:  # Runs of one model in folders of the same name.
       label = f'{result["model"]} ({workdir})'
     runs[label] = result['layers']
   try:
     diagnostics.plot(runs, figure)
-  except OSError as e:
-    raise UserError(f'Cannot write the figure {figure}: {e}') from e
+  except Exception as e:  # noqa: BLE001 - OSError, or the object store's.
+    raise UserError(f'Cannot write the figure {figure}: {first_line(e)}') from e
   print(f'Wrote {figure}.', file=sys.stderr)
 
 

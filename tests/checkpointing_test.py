@@ -72,7 +72,7 @@ def test_latest_step_reads_finished_checkpoints_only(tmp_path, caplog):
   assert str(directory / '8') in caplog.text
 
 
-def test_unfinished_step_is_skipped_then_moved_aside(tmp_path):
+def test_unfinished_step_is_skipped_then_deleted(tmp_path):
   save_all(tmp_path, [30.0, 10.0], 2)
   helpers.half_write(tmp_path, 3)
   manager = checkpointing.create_manager(str(tmp_path), read_only=True)
@@ -83,9 +83,8 @@ def test_unfinished_step_is_skipped_then_moved_aside(tmp_path):
     manager.close()
   directory = checkpointing.checkpoint_dir(str(tmp_path))
   assert (directory / '3').exists()  # Readers leave it alone.
-  # A training run moves it aside and can save step 3 again.
+  # A training run deletes it (and any other) and can save step 3 again.
   helpers.half_write(tmp_path, 4)
-  (directory / '3.unfinished').mkdir()
   manager = checkpointing.create_manager(str(tmp_path), 3)
   try:
     checkpointing.save(manager, 3, {'w': jnp.full(2, 3)})
@@ -93,11 +92,4 @@ def test_unfinished_step_is_skipped_then_moved_aside(tmp_path):
     assert list(manager.all_steps()) == [1, 2, 3]
   finally:
     manager.close()
-  assert sorted(p.name for p in directory.iterdir()) == [
-    '1',
-    '2',
-    '3',
-    '3.unfinished',
-    '3.unfinished.1',
-    '4.unfinished',
-  ]
+  assert sorted(p.name for p in directory.iterdir()) == ['1', '2', '3']

@@ -3,9 +3,11 @@
 The only module of `gunn_jax.diagnostics` that needs matplotlib.
 """
 
+import io
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 from gunn_jax.diagnostics.statistics import HISTOGRAM_BINS
 
@@ -67,4 +69,6 @@ def plot(runs: dict[str, Sequence[dict]], path: str) -> None:
   axes[3].set(title='|r| of GUNN-layer pairs', xlabel='|r|', yscale='log')
   axes[3].legend(fontsize=7)
   figure.tight_layout()
-  figure.savefig(path, dpi=80)
+  image = io.BytesIO()
+  figure.savefig(image, dpi=80, format='png')
+  epath.Path(path).write_bytes(image.getvalue())  # Also on gs://.
