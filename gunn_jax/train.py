@@ -27,6 +27,7 @@ from absl import logging
 from clu import metrics, parameter_overview, periodic_actions
 
 from gunn_jax import (
+  agreement,
   checkpointing,
   console,
   datasets,
@@ -41,7 +42,7 @@ from gunn_jax import (
   sharding,
   steps,
 )
-from gunn_jax.errors import UserError
+from gunn_jax.errors import UserError, first_line
 
 # The steps live in `steps.py` (no TensorFlow, clu or configs there); these
 # names keep `train.TrainState`, `train.eval_step`, ... working.
@@ -222,12 +223,21 @@ def create_experiment(
   `info` describes the dataset (a run's saved `runs.load_dataset_info`);
   by default it is read from the dataset itself.
 
+  In a multi-process run every process first checks that its config and
+  then its dataset description are process 0's (`agreement.py`).
+
   Raises:
     UserError: for a bad config, an unknown model or dataset, or a batch
-      size that the devices do not divide.
+      size that the devices do not divide; on every process, when the
+      processes' configs or data differ, or one failed to read its data.
   """
+  agreement.agree('config', lambda: agreement.describe_config(config))
   validate_config(config)
-  info = info or datasets.get_dataset_info(config)
+  info = agreement.agree(
+    'data',
+    lambda: info or datasets.get_dataset_info(config),
+    datasets.DatasetInfo.to_json,
+  )
   model = create_model(config, info.num_classes)
   num_steps = optimization.total_train_steps(config, info.num_train_examples)
   if config.lr_schedule == 'snapshot' and config.snapshot_cycles > num_steps:
@@ -495,25 +505,51 @@ def train_and_evaluate(
   placement = device_input.placement(experiment.info, config)
   diagnose = _diagnostics_fn(config, experiment)
   _check_resume(config, workdir, experiment.info, allow_config_change)
-  writer = metric_io.create_writer(workdir)
-  manager = _create_manager(
-    config,
-    workdir,
-    experiment.num_train_steps,
-    _eval_every_steps(config, experiment),
-  )
-  preemption = checkpointing.PreemptionNotice()
-  try:
+  with _Teardown() as teardown:
+    writer = metric_io.create_writer(workdir)
+    teardown.push(writer.close)  # Writes what is left, last.
+    manager = _create_manager(
+      config,
+      workdir,
+      experiment.num_train_steps,
+      _eval_every_steps(config, experiment),
+    )
+    teardown.push(manager.close)
+    teardown.push(manager.wait_until_finished)
+    preemption = checkpointing.PreemptionNotice()
+    teardown.push(preemption.close)
     state = _initial_state(config, experiment, manager)
     _start(config, workdir, experiment, state, manager.latest_step())
     loop = _Loop(config, workdir, experiment, writer, manager, diagnose)
     return loop.run(state, preemption, placement)
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
-    writer.close()
-    preemption.close()
+
+
+class _Teardown:
+  """Runs every pushed close when the block ends, the last pushed first,
+  even when one of them fails. The error raised is the first one: the
+  block's, else the first failed close's; later ones are logged."""
+
+  def __init__(self):
+    self._closes = []
+
+  def push(self, close: Callable[[], None]) -> None:
+    self._closes.append(close)
+
+  def __enter__(self) -> '_Teardown':
+    return self
+
+  def __exit__(self, kind, error, traceback) -> None:
+    first = error
+    for close in reversed(self._closes):
+      try:
+        close()
+      except Exception as e:  # noqa: BLE001 - every close runs.
+        if first is None:
+          first = e
+        else:
+          logging.error('Also failed while closing: %s', first_line(e))
+    if error is None and first is not None:
+      raise first
 
 
 class _Loop:
