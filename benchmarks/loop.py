@@ -6,11 +6,14 @@
 A trivially small model (a dense layer and a BatchNorm over 8x8 digits, so
 that the step itself takes well under a millisecond) trains through the real
 loop (`train.train_and_evaluate`: input pipeline, transfers, metrics,
-progress, evaluation and checkpoint cadences) for `--steps` steps
-after 20 warm-up steps, with no evaluation or checkpoint in between (their
-time is left out of steps/s anyway). It prints, in milliseconds per step:
+progress, evaluation and checkpoint cadences) for `--steps` steps after a
+warm-up of one logging interval (`--steps` / 3 steps: compilation and the
+first steps), logging three intervals after it, with no evaluation or
+checkpoint in between (their time is left out of steps/s anyway). It
+prints, in milliseconds per step:
 
-  * loop: 1000 / the median steps/s of the logged intervals after warm-up;
+  * loop: 1000 / the median steps/s of the three logged intervals after
+    the warm-up (the warm-up's own interval is left out);
   * bare step: the jitted train step alone, on batches of the same pipeline
     already on the device;
   * loop - bare step: what the loop adds per step (the target is < 1 ms);
@@ -64,29 +67,43 @@ def _linear_model(config, num_classes):
   return Linear(num_classes)
 
 
-def loop_config(steps: int, batch_size: int):
+def loop_config(steps: int, batch_size: int, **overrides):
+  """The quickstart on 8x8 digits (or `overrides`), `steps` rounded down to
+  three logged intervals after one of warm-up, no evaluation or checkpoint
+  before the last step."""
+  interval = max(1, steps // 3)
   config = quickstart.get_config()
   config.update(
     image_size=8,
     batch_size=batch_size,
-    num_train_steps=WARMUP + steps,
-    log_every_steps=steps // 3,
+    num_train_steps=4 * interval,
+    log_every_steps=interval,
     eval_every_steps=0,
-    checkpoint_every_steps=10 * (WARMUP + steps),
+    checkpoint_every_steps=40 * interval,
     profile_steps=0,
     prefetch_batches=2,
   )
+  config.update(overrides)
   return config
 
 
+def timed_steps(config) -> int:
+  """The steps of `loop_ms`'s intervals: all but the warm-up's."""
+  return config.num_train_steps - config.log_every_steps
+
+
 def loop_ms(config) -> float:
-  """Milliseconds per step of the real loop, from its logged steps/s."""
+  """Milliseconds per step of the real loop, from its logged steps/s.
+
+  The median over the intervals after the first: the first holds the
+  compilation and the first steps.
+  """
   with tempfile.TemporaryDirectory() as workdir:
     train.train_and_evaluate(config, workdir)
     rates = [
       r['steps_per_sec']
       for r in metric_io.read_metrics(workdir, 'train')
-      if 'steps_per_sec' in r and r['step'] > WARMUP
+      if 'steps_per_sec' in r and r['step'] > config.log_every_steps
     ]
   return 1000 / statistics.median(rates)
 
@@ -148,8 +165,9 @@ def main() -> None:
   )
   args = parser.parse_args()
   train.create_model = _linear_model  # Every experiment below builds Linear.
-  config = loop_config(args.steps, args.batch_size)
-  config.input_placement = args.input_placement
+  config = loop_config(
+    args.steps, args.batch_size, input_placement=args.input_placement
+  )
   record = {'loop_ms': loop_ms(config)}
   record['bare_step_ms'] = bare_step_ms(config, args.steps)
   record['loop_minus_bare_ms'] = record['loop_ms'] - record['bare_step_ms']

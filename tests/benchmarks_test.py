@@ -206,3 +206,18 @@ def test_loop_cost_rows_run_on_either_input_path(monkeypatch, placement):
   assert loop.loop_ms(config) > 0
   assert loop.bare_step_ms(config, 6) > 0
   assert loop.pipeline_ms(config, 6) > 0
+
+
+def test_loop_leaves_its_warm_up_interval_out(monkeypatch):
+  config = loop.loop_config(steps=300, batch_size=64)
+  assert config.log_every_steps == 100
+  assert config.num_train_steps == 400 and loop.timed_steps(config) == 300
+  logged = [
+    {'step': 100, 'steps_per_sec': 1.0},  # Compilation and the first steps.
+    {'step': 200, 'steps_per_sec': 1000.0},
+    {'step': 300, 'steps_per_sec': 2000.0},
+    {'step': 400, 'steps_per_sec': 500.0},
+  ]
+  monkeypatch.setattr(train, 'train_and_evaluate', lambda *args: None)
+  monkeypatch.setattr(loop.metric_io, 'read_metrics', lambda *args: logged)
+  assert loop.loop_ms(config) == 1.0  # 1000 / the median of 500..2000.
