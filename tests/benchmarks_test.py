@@ -6,7 +6,7 @@ import math
 import jax
 import pytest
 
-from benchmarks import input_pipeline, loop, profile, run
+from benchmarks import device_rows, input_pipeline, loop, profile, run
 from configs import base
 from gunn_jax import train
 
@@ -221,3 +221,14 @@ def test_loop_leaves_its_warm_up_interval_out(monkeypatch):
   monkeypatch.setattr(train, 'train_and_evaluate', lambda *args: None)
   monkeypatch.setattr(loop.metric_io, 'read_metrics', lambda *args: logged)
   assert loop.loop_ms(config) == 1.0  # 1000 / the median of 500..2000.
+
+
+def test_device_check_times_train_and_evaluate_where_it_imports():
+  record = device_rows.measure_loop('gunn_tiny', 'float32', 4, 8, 15)
+  assert (record['kind'], record['steps']) == ('loop', 15)
+  assert record['options'] == {'input_placement': 'device'}
+  assert record['images_per_s'] == pytest.approx(4000 / record['step_ms'])
+  assert (
+    record['model_flops_per_step']
+    == 3 * 4 * (record['forward_flops_per_image'])
+  )
