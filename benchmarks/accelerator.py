@@ -52,8 +52,8 @@ the loop's images/s against the bare step's; where TensorFlow is installed,
 a last line gives tf.data's images/s on this host.
 
 `--budget_s` (default 400) starts no row that would end past it: a row's
-cost is guessed as its `weight` times the most seconds per weight of the
-rows done so far, and a row not started is recorded as skipped with the
+cost is guessed as its `weight` times the median seconds per weight of the
+rows measured so far, and a row not started is recorded as skipped with the
 reason. A row that raises is recorded with its error, and the check goes
 on (exit status 1 at the end). `--resume FILE` takes the finished rows of
 an earlier run's JSON instead of measuring them again.
@@ -71,6 +71,7 @@ GPU's and TPU's.
 import argparse
 import functools
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -190,9 +191,9 @@ def run_rows(
   Args:
     rows: the rows, most important first.
     json_path: the output file, rewritten whole after each row.
-    budget_s: a row whose guessed cost (`Row.weight` times the most seconds
-      per weight of the rows measured so far) would end past it is recorded
-      as skipped instead.
+    budget_s: a row whose guessed cost (`Row.weight` times the median
+      seconds per weight of the rows measured so far) would end past it is
+      recorded as skipped instead.
     previous: records of an earlier run; their measured rows are kept, not
       measured again.
     clock: seconds (tests pass a fake).
@@ -202,10 +203,12 @@ def run_rows(
   """
   done = {report.record_key(r): r for r in previous if 'step_ms' in r}
   description = timing.machine()
-  records, seconds_per_weight, start = [], 0.0, clock()
+  records, seconds_per_weight, start = [], [], clock()
   for row in rows:
     spent = clock() - start
-    estimate = seconds_per_weight * row.weight
+    estimate = row.weight * (
+      statistics.median(seconds_per_weight) if seconds_per_weight else 0.0
+    )
     if report.record_key(row.record) in done:
       record = done[report.record_key(row.record)]
     elif spent + estimate > budget_s:
@@ -221,7 +224,8 @@ def run_rows(
     else:
       record = _measure(row)
       seconds = clock() - start - spent
-      seconds_per_weight = max(seconds_per_weight, seconds / row.weight)
+      if 'step_ms' in record:  # Not a row that skipped itself or failed.
+        seconds_per_weight.append(seconds / row.weight)
       record = {**row.record, **record, **description, 'row_s': seconds}
     records.append(record)
     if json_path:

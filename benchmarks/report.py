@@ -38,7 +38,9 @@ def row(r: dict) -> str:
   )
   if r.get('skipped') or r.get('error'):
     what = 'skipped' if r.get('skipped') else 'error'
-    reason = (r.get('reason') or r.get('error')).replace('|', '/')
+    # One line, however long the error: the record keeps all of it.
+    reason = ' '.join((r.get('reason') or r['error']).split())[:300]
+    reason = reason.replace('|', '/')
     return first + f'| {what}: {reason} |' + '|' * (len(COLUMNS) - 7)
   memory = r.get('memory_bytes')
   forward = r.get('forward_flops_per_image')

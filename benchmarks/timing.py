@@ -81,7 +81,8 @@ def write_json(path: str, records: list[dict]) -> None:
   """Writes `records` to `path` whole: a reader never sees half a file."""
   partial = f'{path}.partial'
   with open(partial, 'w') as f:
-    json.dump(records, f, indent=2)
+    # A value JSON cannot hold is written as its text, not a lost file.
+    json.dump(records, f, indent=2, default=str)
     f.flush()
     os.fsync(f.fileno())
   os.replace(partial, path)

@@ -117,29 +117,33 @@ def _row(clock, name, seconds, weight=1.0):
 def test_rows_that_would_end_past_the_budget_are_skipped(tmp_path, capsys):
   clock = FakeClock()
   path = str(tmp_path / 'out.json')
+
+  def fail():
+    raise RuntimeError('no such path')
+
   rows = [
     _row(clock, 'a', 10),  # Nothing measured yet: no guess, it runs.
-    _row(clock, 'b', 10),  # 10 s spent + 1 x 10 s guessed <= 25.
-    _row(clock, 'c', 4, weight=0.4),  # 20 + 0.4 x 10 <= 25.
-    _row(clock, 'd', 10),  # 24 + 10 > 25: skipped.
-    _row(clock, 'e', 1, weight=0.05),  # 24 + 0.5 <= 25.
+    _row(clock, 'b', 30),  # 10 s spent + 1 x 10 s guessed <= 65.
+    accelerator.Row(_describe('c'), 1.0, fail),  # Not a guide to the rest.
+    _row(clock, 'd', 20),  # 40 + the median of 10 and 30 s <= 65.
+    _row(clock, 'e', 10, weight=0.5),  # 60 + 0.5 x 20 > 65: skipped.
+    _row(clock, 'f', 1, weight=0.2),  # 60 + 0.2 x 20 <= 65.
   ]
-  records = accelerator.run_rows(rows, path, 25, clock=clock)
+  records = accelerator.run_rows(rows, path, 65, clock=clock)
   assert json.loads(open(path).read()) == records
-  assert [r['model'] for r in records] == ['a', 'b', 'c', 'd', 'e']
-  assert [r.get('skipped', False) for r in records] == [0, 0, 0, 1, 0]
-  assert records[3]['reason'] == '--budget_s 25: 24 s spent, about 10 s needed'
-  assert [r.get('row_s') for r in records] == [10, 10, 4, None, 1]
+  assert [r['model'] for r in records] == ['a', 'b', 'c', 'd', 'e', 'f']
+  assert [r.get('skipped', False) for r in records] == [0, 0, 0, 0, 1, 0]
+  assert records[4]['reason'] == '--budget_s 65: 60 s spent, about 10 s needed'
+  assert [r.get('row_s') for r in records] == [10, 30, 0, 20, None, 1]
   for r in records:
     assert r['jax_version'] and r['device_kind']
   printed = capsys.readouterr().out.splitlines()
-  assert printed[3] == (
-    '| train_step | d | - | bfloat16 | 64 | 32 | skipped: --budget_s 25: 24 '
+  assert printed[-2] == (
+    '| train_step | e | - | bfloat16 | 64 | 32 | skipped: --budget_s 65: 60 '
     's spent, about 10 s needed |' + '|' * 10
   )
-  assert len(printed[3].split('|')) == len(
-    report.HEADER.split('\n')[0].split('|')
-  )
+  header = report.HEADER.split('\n')[0]
+  assert printed[-2].count('|') == header.count('|')
 
 
 def test_a_failed_row_is_recorded_and_the_next_runs(tmp_path):
