@@ -134,7 +134,8 @@ def _device_input_step(program, state, batch_size, image_size, num_classes):
   return step_fn, compiled, compile_s
 
 
-def _create_model(name: str, dtype: str, options: dict):
+def create_model(name: str, dtype: str, options: dict):
+  """`models.create_model` for a row's network, dtype and `options`."""
   imagenet = models.MODELS[name].get('imagenet_stem', False)
   overrides = {k: v for k, v in options.items() if k != 'input_placement'}
   if 'batch_units' in overrides:
@@ -157,7 +158,7 @@ def measure_step(
   Raises:
     FloatingPointError: if the last step's loss is not finite.
   """
-  model = _create_model(name, dtype, options)
+  model = create_model(name, dtype, options)
   batch_size = per_device_batch * jax.device_count()
   image_shape = (image_size, image_size, 3)
   program = create_program(model, BASE, image_shape, NUM_TRAIN_EXAMPLES)
@@ -243,7 +244,7 @@ def measure_loop(name, dtype, per_device_batch, image_size, num_steps) -> dict:
     input_placement='device',
   )
   step_ms = loop.loop_ms(config)
-  model = _create_model(name, dtype, {})
+  model = create_model(name, dtype, {})
   return {
     **record,
     'steps': loop.timed_steps(config),
