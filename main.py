@@ -24,7 +24,7 @@ from gunn_jax import compile_cache, log_setup
 # prints C++ banners when imported: see log_setup.py.
 with log_setup.tensorflow_quiet(sys.argv):
   from gunn_jax import distributed, runs, train
-from gunn_jax.errors import UserError  # noqa: E402
+from gunn_jax.errors import UserError, first_line  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Training configuration file.', lock_config=True
@@ -107,7 +107,7 @@ def main(argv):
       raise
     distributed.end_run(
       'a computation across processes failed, most likely because another '
-      f'process stopped ({distributed.first_line(e)})'
+      f'process stopped ({first_line(e)})'
     )
 
 

@@ -37,8 +37,8 @@ import jax
 import ml_collections
 from jax._src import distributed as jax_distributed  # No public client.
 
-from gunn_jax import datasets, distributed
-from gunn_jax.errors import UserError
+from gunn_jax import datasets
+from gunn_jax.errors import UserError, first_line
 
 T = TypeVar('T')
 
@@ -121,7 +121,7 @@ def _agree(client, me: int, count: int, prefix: str, what, compute, describe):
     error = e
     message = ' '.join(str(e).split())
     if not isinstance(e, UserError):
-      message = f'{type(e).__name__}: {distributed.first_line(e)}'
+      message = f'{type(e).__name__}: {first_line(e)}'
     report = {'error': message}
   client.key_value_set(prefix + str(me), json.dumps(report))
   if me == 0:

@@ -55,7 +55,7 @@ from jax._src import distributed as jax_distributed  # No public client.
 from jax._src import xla_bridge  # backends_are_initialized has no public API.
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gunn_jax.errors import UserError
+from gunn_jax.errors import UserError, first_line
 
 T = TypeVar('T')
 
@@ -346,7 +346,3 @@ def receive(key: str, timeout_s: int) -> str | None:
     return client.blocking_key_value_get(key, timeout_s * 1000)
   except jax.errors.JaxRuntimeError:  # DEADLINE_EXCEEDED.
     return None
-
-
-def first_line(error: Exception) -> str:
-  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from gunn_jax import distributed
-from gunn_jax.errors import UserError
+from gunn_jax.errors import UserError, first_line
 
 CONNECT_TIMEOUT_S = 10
 # How long processes other than 0 wait for its download and preparation.
@@ -80,7 +80,7 @@ def _download(builder, name: str) -> str:
   except Exception as e:  # noqa: BLE001 - network, disk and TFDS errors.
     return (
       f'Downloading TFDS dataset {name} into {root} failed '
-      f'({distributed.first_line(e)}); run {_build_command(name)} by hand '
+      f'({first_line(e)}); run {_build_command(name)} by hand '
       'and set config.data_dir=DIR.'
     )
   logging.info('Prepared %s in %s.', name, root)
