@@ -15,6 +15,7 @@ uninterrupted one. Not deterministic: GPU convolution algorithms, and
 ImageNet's data order when the process count changes.
 """
 
+import contextlib
 import functools
 from typing import Callable, NamedTuple
 
@@ -216,11 +217,13 @@ class Experiment(NamedTuple):
 
 
 def create_experiment(
-  config: ml_collections.ConfigDict, info: datasets.DatasetInfo | None = None
+  config: ml_collections.ConfigDict,
+  info: datasets.DatasetInfo | Callable[[], datasets.DatasetInfo] | None = None,
 ) -> Experiment:
   """Validates `config` and builds model, schedule, mesh and jitted steps.
 
-  `info` describes the dataset (a run's saved `runs.load_dataset_info`);
+  `info` describes the dataset (a run's saved `runs.load_dataset_info`), or
+  is a function that reads it (so that its errors reach every process);
   by default it is read from the dataset itself.
 
   In a multi-process run every process first checks that its config and
@@ -233,11 +236,10 @@ def create_experiment(
   """
   agreement.agree('config', lambda: agreement.describe_config(config))
   validate_config(config)
-  info = agreement.agree(
-    'data',
-    lambda: info or datasets.get_dataset_info(config),
-    datasets.DatasetInfo.to_json,
-  )
+  read_info = info
+  if not callable(read_info):
+    read_info = lambda: info or datasets.get_dataset_info(config)  # noqa: E731
+  info = agreement.agree('data', read_info, datasets.DatasetInfo.to_json)
   model = create_model(config, info.num_classes)
   num_steps = optimization.total_train_steps(config, info.num_train_examples)
   if config.lr_schedule == 'snapshot' and config.snapshot_cycles > num_steps:
@@ -303,7 +305,9 @@ def evaluate_checkpoint(
     UserError: for a bad config, a missing checkpoint, or data with other
       classes than the run's (`runs.dataset_info`).
   """
-  experiment = create_experiment(config, runs.dataset_info(workdir, config))
+  experiment = create_experiment(
+    config, lambda: runs.dataset_info(workdir, config)
+  )
   state = restore_checkpoint(experiment, workdir, which)
   eval_iterable = input_pipeline.create_eval_iterable(config)
   results = evaluate(
@@ -460,8 +464,9 @@ def _start(config, workdir: str, experiment: Experiment, state, resume_step):
   ):
     logging.info(line)
   if jax.process_index() == 0:
-    runs.save(workdir, config, experiment.info)
-    metric_io.truncate_after(workdir, int(state.step))
+    with _writing_to(workdir):
+      runs.save(workdir, config, experiment.info)
+      metric_io.truncate_after(workdir, int(state.step))
     if resume_step is None and logging.vlog_is_on(1):
       parameter_overview.log_parameter_overview(state.params)
 
@@ -507,21 +512,44 @@ def train_and_evaluate(
   _check_resume(config, workdir, experiment.info, allow_config_change)
   with _Teardown() as teardown:
     writer = metric_io.create_writer(workdir)
-    teardown.push(writer.close)  # Writes what is left, last.
+    # Each close turned into one line if it fails to write; the writer
+    # writes what is left, last.
+    teardown.push(_writing_to(workdir)(writer.close))
     manager = _create_manager(
       config,
       workdir,
       experiment.num_train_steps,
       _eval_every_steps(config, experiment),
     )
-    teardown.push(manager.close)
-    teardown.push(manager.wait_until_finished)
+    teardown.push(_writing_to(workdir)(manager.close))
+    teardown.push(_writing_to(workdir)(manager.wait_until_finished))
     preemption = checkpointing.PreemptionNotice()
     teardown.push(preemption.close)
     state = _initial_state(config, experiment, manager)
     _start(config, workdir, experiment, state, manager.latest_step())
     loop = _Loop(config, workdir, experiment, writer, manager, diagnose)
     return loop.run(state, preemption, placement)
+
+
+@contextlib.contextmanager
+def _writing_to(workdir: str):
+  """Turns a failed write into `workdir` into one line saying how to resume.
+
+  Writes to an object store are retried by its clients before they fail
+  (TensorFlow's 10 times, over about 3 minutes; TensorStore's too): by
+  then the storage is unreachable or refuses the writes. Usable as a
+  decorator too.
+  """
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - the file systems' many types.
+    raise UserError(
+      f'Writing to {workdir} failed: {first_line(e).rstrip(".")}. Once the '
+      'storage can be written again, run the same command to resume from '
+      'the last finished checkpoint.'
+    ) from e
 
 
 class _Teardown:
@@ -563,6 +591,7 @@ class _Loop:
 
   def __init__(self, config, workdir, experiment, writer, manager, diagnose):
     self._config, self._experiment = config, experiment
+    self._workdir = workdir
     self._writer, self._manager = writer, manager
     self._eval_iterable = input_pipeline.create_eval_iterable(config)
     num_steps = experiment.num_train_steps
@@ -686,7 +715,8 @@ class _Loop:
     """Saves `state` once its metrics are known to be finite; the metric
     files are complete up to `step` before the checkpoint exists."""
     self._interval.check(step)
-    self._writer.flush()
-    with self.progress.timed('checkpoint'):
-      checkpointing.save(self._manager, step, state, eval_results)
+    with _writing_to(self._workdir):
+      self._writer.flush()
+      with self.progress.timed('checkpoint'):
+        checkpointing.save(self._manager, step, state, eval_results)
     self._interval.last_checkpoint = step

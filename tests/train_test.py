@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import base, cifar10, imagenet, tiny
@@ -383,6 +384,73 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert max(steps) == kept
   state = train.restore_train_state(config, str(tmp_path), kept)
   assert np.isfinite(float(optax.global_norm(state.params)))
+
+
+class _Unreachable(Exception):
+  """What a file system raises once its retries are spent."""
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_metrics(tmp_path, monkeypatch):
+  """The save of step 4 fails: one line that says how to resume; the
+  metrics up to step 4 were written before it, and every close ran."""
+  save = checkpointing.save
+
+  def failing_save(manager, step, *args, **kwargs):
+    if step == 4:
+      raise _Unreachable('All 10 retry attempts failed.\nmore lines')
+    save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpointing, 'save', failing_save)
+  workdir = str(tmp_path)
+  with pytest.raises(UserError) as error:
+    train.train_and_evaluate(tiny_config(), workdir)
+  assert str(error.value) == (
+    f'Writing to {workdir} failed: All 10 retry attempts failed. Once the '
+    'storage can be written again, run the same command to resume from the '
+    'last finished checkpoint.'
+  )
+  assert {r['step'] for r in metric_io.read_metrics(workdir)} == {2, 3, 4}
+  assert checkpointing.latest_step(workdir) == 3
+
+
+def test_every_close_runs_and_the_first_error_is_reported(
+  tmp_path, monkeypatch
+):
+  """After the last step, waiting for the last checkpoint fails, then
+  closing the manager fails too: the metrics are still written, and the
+  first error is the one raised."""
+  closes, run, wait = (
+    [],
+    train._Loop.run,
+    ocp.CheckpointManager.wait_until_finished,
+  )
+
+  def run_to_the_end(self, *args):
+    state = run(self, *args)
+    closes.append('run')
+    return state
+
+  def failing_wait(self):
+    if not closes:  # Saves wait for the previous one too.
+      return wait(self)
+    closes.append('wait')
+    raise _Unreachable('wait')
+
+  def failing_close(self):
+    closes.append('close')
+    raise _Unreachable('close')
+
+  monkeypatch.setattr(train._Loop, 'run', run_to_the_end)
+  monkeypatch.setattr(
+    ocp.CheckpointManager, 'wait_until_finished', failing_wait
+  )
+  monkeypatch.setattr(ocp.CheckpointManager, 'close', failing_close)
+  workdir = str(tmp_path)
+  with pytest.raises(UserError, match=f'Writing to {workdir} failed: wait'):
+    train.train_and_evaluate(tiny_config(eval_every_steps=0), workdir)
+  assert closes == ['run', 'wait', 'close']
+  records = metric_io.read_metrics(workdir)
+  assert [r['step'] for r in records if r['split'] == 'eval'] == [6]
 
 
 def _main_command(workdir, *flags):
