@@ -12,9 +12,13 @@ Driven by environment variables, so library code stays free of test hooks:
     checkpoint of step k is written (one host preempted first).
   GUNN_TEST_FINISH_LATE_S=s: process 1 returns from training s seconds
     after it finished (a slow last checkpoint or evaluation on one host).
+  GUNN_TEST_OUTAGE_AT_STEP=k, GUNN_TEST_OUTAGE_DIR=d: before the save of
+    step k, process 0 creates `d/saving` and waits for `d/go` (the test
+    stops the storage server in between: a storage outage during a save).
 """
 
 import os
+import pathlib
 import signal
 import sys
 import time
@@ -60,7 +64,19 @@ def _finishing_late(train_fn, seconds: float):
   return train_and_finish_late
 
 
+def _wait_for_outage(step) -> None:
+  if os.environ.get('GUNN_TEST_OUTAGE_AT_STEP') != str(step):
+    return
+  if jax.process_index() == 0:
+    directory = pathlib.Path(os.environ['GUNN_TEST_OUTAGE_DIR'])
+    (directory / 'saving').touch()
+    deadline = time.monotonic() + 600
+    while not (directory / 'go').exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+
+
 def _save_then_signal(manager, step, *args, **kwargs):
+  _wait_for_outage(step)
   _save(manager, step, *args, **kwargs)
   kill_process = int(os.environ.get('GUNN_TEST_KILL_PROCESS', 0))
   if os.environ.get('GUNN_TEST_KILL_AT_STEP') == str(step):
