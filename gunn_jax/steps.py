@@ -93,8 +93,8 @@ def train_step(
   return state, {
     'loss': loss,
     'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['labels']),
-    'grad_norm': optax.global_norm(grads),
-    'param_norm': optax.global_norm(state.params),
+    'grad_norm': optax.tree.norm(grads),
+    'param_norm': optax.tree.norm(state.params),
   }
 
 
