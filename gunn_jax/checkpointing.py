@@ -113,13 +113,12 @@ def ensure_writable(workdir: str) -> None:
     probe.write_text('')
     probe.unlink()
   except Exception as e:  # noqa: BLE001 - OSError, or the object store's.
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else e
     hint = 'choose another --workdir'
     if storage.is_url(workdir):
       hint = 'check that the bucket exists and that these credentials may '
       hint += 'write to it (README.md, "Training on a TPU pod or a cluster")'
     raise UserError(
-      f'workdir {workdir} is not writable ({first_line(reason)}); {hint}.'
+      f'workdir {workdir} is not writable ({first_line(e)}); {hint}.'
     ) from e
 
 

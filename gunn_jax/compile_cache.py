@@ -21,6 +21,9 @@ from absl import logging
 from etils import epath
 from jax._src import xla_bridge  # backends_are_initialized has no public API.
 
+from gunn_jax import storage
+from gunn_jax.errors import first_line
+
 DEFAULT_DIR = '~/.cache/gunn_jax/xla'
 
 
@@ -43,16 +46,15 @@ def enable(directory: str) -> str | None:
     return current
   if not directory:
     return None
-  if '://' not in directory:
-    directory = os.path.abspath(os.path.expanduser(directory))
+  directory = storage.absolute(directory)
   try:
     epath.Path(directory).mkdir(parents=True, exist_ok=True)
-  except OSError as e:
+  except Exception as e:  # noqa: BLE001 - OSError, or the object store's.
     logging.warning(
       'No compilation cache: cannot create %s (%s); set '
       "config.compilation_cache_dir='' or a writable directory.",
       directory,
-      e.strerror or e,
+      first_line(e),
     )
     return None
   jax.config.update('jax_compilation_cache_dir', directory)

@@ -13,8 +13,11 @@ class UserError(ValueError):
 
 
 def first_line(error: BaseException | str) -> str:
-  """The first line of an error's message, for one-line messages (those of
-  TensorFlow's file system and TensorStore span many)."""
+  """The first line of an error's message, for one-line messages: an
+  `OSError`'s reason without the path (the message names it), the first of
+  the many lines of TensorFlow's file system and TensorStore."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
   text = str(error).strip().splitlines()
   if not text and isinstance(error, BaseException):
     return type(error).__name__
