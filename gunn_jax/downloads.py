@@ -20,7 +20,6 @@ cannot download), only those fail here; `agreement.py` then gives every
 process the same line, naming the first host that failed.
 """
 
-import os
 import socket
 import urllib.parse
 
@@ -28,7 +27,7 @@ import jax
 import tensorflow_datasets as tfds
 from absl import logging
 
-from gunn_jax import distributed
+from gunn_jax import distributed, storage
 from gunn_jax.errors import UserError, first_line
 
 CONNECT_TIMEOUT_S = 10
@@ -38,8 +37,9 @@ _READY = 'ready'
 
 
 def _root(builder) -> str:
-  """The TFDS data directory (builder.data_dir is ROOT/NAME/VERSION)."""
-  return os.path.dirname(os.path.dirname(builder.data_dir))
+  """The TFDS data directory (builder.data_dir is ROOT/NAME/VERSION), a
+  local path or a URL."""
+  return builder.data_dir.rsplit('/', 2)[0]
 
 
 def _build_command(name: str) -> str:
@@ -90,7 +90,7 @@ def _download(builder, name: str) -> str:
 def _not_downloadable(builder, name: str, download: bool) -> str | None:
   root = _root(builder)
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-    manual = os.path.join(root, 'downloads', 'manual')
+    manual = storage.join(root, 'downloads', 'manual')
     return (
       f'TFDS dataset {name} is not prepared in {root}, and TFDS cannot '
       f'download it: put its files (for ImageNet ILSVRC2012_img_train.tar '
