@@ -19,6 +19,17 @@
     preprocessing with the training split's mean/std and padding
     image_size // 8.
 
+Every path may be on Cloud Storage (`config.data_dir=gs://bucket/tfds`,
+`folder:gs://bucket/images`): TFDS and the folders read it through
+TensorFlow's file system, ImageNet's ArrayRecord files are read by index
+where they are, through array_record's own Cloud Storage client (one ranged
+read per record). That client searches for credentials by itself and
+retries failing requests for minutes, so `load_split` first reads one
+record with a time limit (`FIRST_RECORD_TIMEOUT_S`): a missing file, a
+missing bucket or storage that does not answer is one `UserError` line
+before training, as is a TFDS `data_dir` that cannot be read. What each
+costs in requests: docs/data.md, "Data on Cloud Storage".
+
 `get_dataset_info` says what a model and inference need to know (saved in
 a run's workdir, `runs.py`); `load_split` and `decode` give the examples.
 The input pipelines (`input_pipeline.py`) turn these into batches.
@@ -28,6 +39,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -53,6 +65,8 @@ TFDS_SPLITS = {
 }
 _FOLDER_PREFIX = 'folder:'
 _DEFAULT_SIZE = {'cifar': 32, 'imagenet': 224, 'digits': 16}
+# Seconds the first record of an ArrayRecord split may take (`load_split`).
+FIRST_RECORD_TIMEOUT_S = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +191,17 @@ def tfds_builder(name: str, data_dir: str | None, download: bool = False):
   and prepared first if missing (`downloads.prepare`).
 
   Raises:
-    errors.UserError: (one line) the data are missing and not downloaded.
+    errors.UserError: (one line) the data are missing and not downloaded, or
+      `data_dir` cannot be read (a missing bucket, no credentials).
   """
-  return downloads.prepare(name, data_dir, download)
+  try:
+    return downloads.prepare(name, data_dir, download)
+  except (OSError, tf.errors.OpError) as e:
+    raise errors.UserError(
+      f'TFDS data_dir {data_dir or "(TFDS default)"} cannot be read '
+      f'({errors.first_line(e)}); check the path and, for a bucket, that it '
+      'exists and that these credentials may read it.'
+    ) from e
 
 
 def split_size(builder, split: str) -> int:
@@ -352,6 +374,58 @@ def _read_files(info: DatasetInfo, paths: np.ndarray) -> np.ndarray:
     return np.stack(list(pool.map(functools.partial(_read_file, info), paths)))
 
 
+def _check_first_record(builder, split: str) -> None:
+  """Reads the first record of an ArrayRecord split, before training.
+
+  array_record reads `gs://` through its own Cloud Storage client
+  (google-cloud-cpp, not TensorFlow's), with its own search for
+  credentials, and retries failing requests for up to 15 minutes. So a
+  reader of its own reads the split's first record in a daemon thread, which
+  is given up after `FIRST_RECORD_TIMEOUT_S` (the data source reads in a
+  thread pool, which Python would wait for at exit).
+
+  Raises:
+    errors.UserError: the record cannot be read, or not in time.
+  """
+  from array_record.python import array_record_module
+
+  info = builder.info.splits[split]
+  shards = [p for p, n in zip(info.filepaths, info.shard_lengths) if n]
+  if not shards:
+    return
+  failure = []
+
+  def read():
+    try:
+      reader = array_record_module.ArrayRecordReader(
+        os.fspath(shards[0]), 'readahead_buffer_size:0'
+      )
+      reader.read([0])
+      reader.close()
+    except Exception as e:  # noqa: BLE001 - array_record's RuntimeErrors.
+      failure.append(e)
+
+  thread = threading.Thread(target=read, name='first_record', daemon=True)
+  thread.start()
+  thread.join(FIRST_RECORD_TIMEOUT_S)
+  where = f'ArrayRecord file {shards[0]}'
+  hint = (
+    'on a bucket, array_record reads with Application Default Credentials '
+    '(`gcloud auth application-default login` or a VM service account)'
+  )
+  if thread.is_alive():
+    raise errors.UserError(
+      f'{where} gave no record within {FIRST_RECORD_TIMEOUT_S} s; {hint}, or '
+      'copy the files to a local disk.'
+    )
+  if failure:
+    raise errors.UserError(
+      f'{where} cannot be read ({errors.first_line(failure[0])}); prepare '
+      f'it again with `tfds build {builder.name} --file_format=array_record`'
+      f'; {hint}.'
+    )
+
+
 def random_access(info: DatasetInfo, config) -> bool:
   """Whether ImageNet is prepared in ArrayRecord (read by index), rather
   than TFRecord (streamed)."""
@@ -364,15 +438,21 @@ def load_split(info: DatasetInfo, config, train: bool) -> Split | RecordSplit:
 
   Image folders give file paths, except CIFAR-style folders with
   `config.cache`, which are decoded into memory once. ImageNet must be in
-  ArrayRecord (`random_access`); its records are read when asked for.
+  ArrayRecord (`random_access`); its records are read when asked for, the
+  first one at once (`_check_first_record`).
+
+  Raises:
+    errors.UserError: (one line) the data cannot be read.
   """
   if info.kind == 'digits':
     return _digits(info.image_size)[0 if train else 1]
   split = TFDS_SPLITS.get(info.name, ('',) * 2)[not train]
   if info.name == 'imagenet2012':
-    source = tfds_builder(info.name, config.data_dir).as_data_source(
+    builder = tfds_builder(info.name, config.data_dir)
+    source = builder.as_data_source(
       split=split, decoders={'image': tfds.decode.SkipDecoding()}
     )
+    _check_first_record(builder, split)
     return RecordSplit(source)
   if info.kind == 'tfds':
     return _load_tfds_split(info, config, split)

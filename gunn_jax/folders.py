@@ -10,9 +10,11 @@ classifier needs two or more):
 `validation` or `test` may stand in for `val`. Images may sit in nested
 sub-folders of their class folder; symbolic links are followed (not back up
 the tree or into another class folder). ROOT may be on an object store
-(`folder:gs://bucket/images`): it is listed one request per folder and read
-through `etils.epath` (`storage.py`), and its splits are the same as those
-of a local copy. Hidden files
+(`folder:gs://bucket/images`): each folder is listed once (two requests with
+TensorFlow's file system, which asks whether the folder exists first) and
+each file is read whole through `etils.epath` (`storage.py`; two requests,
+its size and its content); its splits are the same as those of a local
+copy (docs/data.md, "Data on Cloud Storage"). Hidden files
 and folders (`.DS_Store`, `.ipynb_checkpoints`) and files without an image
 extension (`notes.txt`) are not images: they are counted and ignored.
 

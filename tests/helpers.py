@@ -196,3 +196,15 @@ def init_variables(model, image_shape):
   return jax.jit(functools.partial(model.init, train=False))(
     jax.random.key(0), jnp.zeros((1, *image_shape))
   )
+
+
+def copy_to_bucket(source, target: str) -> None:
+  """Copies the files under the local folder `source` to `target` (a
+  `gs://` folder) through `tf.io.gfile`, as `gsutil cp -r` would: one
+  object per file, no objects for folders."""
+  import tensorflow as tf
+
+  for path in sorted(pathlib.Path(source).rglob('*')):
+    if path.is_file():
+      name = path.relative_to(source).as_posix()
+      tf.io.gfile.copy(str(path), f'{target}/{name}', overwrite=True)
