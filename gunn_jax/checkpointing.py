@@ -108,15 +108,19 @@ def ensure_writable(workdir: str) -> None:
   """
   path = epath.Path(workdir)
   probe = path / f'.write_probe_{jax.process_index()}_{uuid.uuid4().hex}'
+  url = storage.is_url(workdir)
+  hint = 'choose another --workdir'
+  if url:
+    hint = 'check that the bucket exists and that these credentials may '
+    hint += 'write to it (README.md, "Training on a TPU pod or a cluster")'
   try:
+    # Writes into a missing bucket are retried for minutes; asking is fast.
+    if url and not epath.Path(storage.bucket(workdir)).exists():
+      raise FileNotFoundError(f'no bucket {storage.bucket(workdir)}')
     path.mkdir(parents=True, exist_ok=True)
     probe.write_text('')
     probe.unlink()
   except Exception as e:  # noqa: BLE001 - OSError, or the object store's.
-    hint = 'choose another --workdir'
-    if storage.is_url(workdir):
-      hint = 'check that the bucket exists and that these credentials may '
-      hint += 'write to it (README.md, "Training on a TPU pod or a cluster")'
     raise UserError(
       f'workdir {workdir} is not writable ({first_line(e)}); {hint}.'
     ) from e

@@ -26,6 +26,12 @@ def is_url(path: str | os.PathLike) -> bool:
   return '://' in os.fspath(path)
 
 
+def bucket(url: str) -> str:
+  """`gs://BUCKET` of a URL `gs://BUCKET/...`."""
+  scheme, _, rest = url.partition('://')
+  return f'{scheme}://{rest.split("/")[0]}'
+
+
 def absolute(path: str | os.PathLike) -> str:
   """`path` with `~` expanded and made absolute; URLs as given."""
   path = os.fspath(path)

@@ -30,18 +30,6 @@ def bucket(gcs):
   return f'gs://{gcs.create_bucket()}'
 
 
-@pytest.fixture(scope='module')
-def array_record_gcs(gcs):
-  """array_record reads `gs://` with its own client (google-cloud-cpp),
-  which takes neither the test CA nor the token of
-  `local_gcs.environment()` (through the proxy it retries for 15 minutes);
-  its emulator variable sends it to the server directly, without
-  credentials."""
-  with pytest.MonkeyPatch.context() as env:
-    env.setenv('CLOUD_STORAGE_EMULATOR_ENDPOINT', gcs.url)
-    yield
-
-
 def _folder_config(root, **overrides):
   config = tiny.get_config()
   config.dataset = f'folder:{root}'
@@ -225,7 +213,7 @@ def test_imagenet_missing_from_a_bucket_says_where_its_files_go(bucket):
 
 
 @pytest.fixture(scope='module')
-def imagenet_on_gcs(bucket, tmp_path_factory, array_record_gcs):
+def imagenet_on_gcs(bucket, tmp_path_factory):
   """(local data_dir, its copy on gs://) of a prepared fake ImageNet in
   ArrayRecord (`benchmarks/fake_imagenet.py`)."""
   local = tmp_path_factory.mktemp('imagenet')

@@ -16,9 +16,11 @@ storage outage) keeps the objects.
 Clients reach it through standard environment variables only, which
 `LocalGcs.environment()` returns; the project needs no switch of its own:
 
-* `STORAGE_EMULATOR_HOST` (google-cloud-storage, gcsfs) and
-  `TENSORSTORE_GCS_HTTP_URL` (TensorStore, which writes orbax's arrays):
-  the server's URL.
+* `STORAGE_EMULATOR_HOST` (google-cloud-storage, gcsfs),
+  `TENSORSTORE_GCS_HTTP_URL` (TensorStore, which writes orbax's arrays) and
+  `CLOUD_STORAGE_EMULATOR_ENDPOINT` (Google's C++ client, with which
+  array_record reads ArrayRecord files; it takes neither the proxy's CA nor
+  the test token below): the server's URL.
 * `HTTPS_PROXY` / `https_proxy` and `CURL_CA_BUNDLE`: TensorFlow's GCS
   client has its endpoints fixed to `https://*.googleapis.com` and reads no
   emulator variable, but its libcurl honours a proxy and a CA bundle. The
@@ -463,6 +465,7 @@ class LocalGcs:
     """The variables every client needs (see the module docstring)."""
     return {
       'STORAGE_EMULATOR_HOST': self.url,
+      'CLOUD_STORAGE_EMULATOR_ENDPOINT': self.url,
       'TENSORSTORE_GCS_HTTP_URL': self.url,
       'HTTPS_PROXY': f'http://127.0.0.1:{self.proxy_port}',
       'https_proxy': f'http://127.0.0.1:{self.proxy_port}',
