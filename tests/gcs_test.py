@@ -232,8 +232,13 @@ def test_two_hosts_share_one_gcs_workdir(bucket):
   exit 0, process 0 alone writes the run's files, both write their shards
   of each checkpoint."""
   workdir = f'{bucket}/two_hosts'
-  for status, output in start_hosts(workdir):
-    assert status == 0, output[-3000:]
+  results = start_hosts(workdir)
+  for process, (status, output) in enumerate(results):
+    others = '\n'.join(
+      f'[process {i}] {out[-2000:]}' for i, (_, out) in enumerate(results)
+    )
+    assert status == 0, f'process {process} ended with {status}:\n{others}'
+
   records = metric_io.read_metrics(workdir)
   keys = [(r['step'], r['split'], 'loss' in r) for r in records]
   assert len(keys) == len(set(keys))  # Each record written once.
