@@ -12,13 +12,18 @@ cluster").
 An object store has no appends and no cheap renames (a rename copies and
 deletes every object), but an object is replaced whole or not at all. So
 small files that a run rewrites (`config.json`, `metrics.jsonl`) are
-written in one piece (`write_whole`), never grown line by line.
+written in one piece (`write_whole`), never grown line by line. A write that
+fails after the clients' retries stops a run with one line that says how to
+resume (`writing_to`).
 """
 
+import contextlib
 import os
 import uuid
 
 from etils import epath
+
+from gunn_jax.errors import UserError, first_line
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -69,3 +74,26 @@ def write_whole(path: str | os.PathLike, data: str | bytes) -> None:
     target.write_bytes(data)
   if target != path:
     target.replace(path)
+
+
+@contextlib.contextmanager
+def writing_to(workdir: str):
+  """Turns a failed write into `workdir` into one line saying how to resume.
+
+  An object store's clients retry a failed request before they give up
+  (TensorFlow's 10 times, over about 3 minutes): by then the storage is
+  unreachable or refuses the writes. Usable as a decorator too.
+
+  Raises:
+    UserError: for any error but a `UserError`, which passes unchanged.
+  """
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - the file systems' many types.
+    raise UserError(
+      f'Writing to {workdir} failed: {first_line(e).rstrip(".")}. Once the '
+      'storage can be written again, run the same command to resume from '
+      'the last finished checkpoint.'
+    ) from e

@@ -15,7 +15,6 @@ uninterrupted one. Not deterministic: GPU convolution algorithms, and
 ImageNet's data order when the process count changes.
 """
 
-import contextlib
 import functools
 from typing import Callable, NamedTuple
 
@@ -42,6 +41,7 @@ from gunn_jax import (
   runs,
   sharding,
   steps,
+  storage,
 )
 from gunn_jax.errors import UserError, first_line
 
@@ -464,7 +464,7 @@ def _start(config, workdir: str, experiment: Experiment, state, resume_step):
   ):
     logging.info(line)
   if jax.process_index() == 0:
-    with _writing_to(workdir):
+    with storage.writing_to(workdir):
       runs.save(workdir, config, experiment.info)
       metric_io.truncate_after(workdir, int(state.step))
     if resume_step is None and logging.vlog_is_on(1):
@@ -514,42 +514,21 @@ def train_and_evaluate(
     writer = metric_io.create_writer(workdir)
     # Each close turned into one line if it fails to write; the writer
     # writes what is left, last.
-    teardown.push(_writing_to(workdir)(writer.close))
+    teardown.push(storage.writing_to(workdir)(writer.close))
     manager = _create_manager(
       config,
       workdir,
       experiment.num_train_steps,
       _eval_every_steps(config, experiment),
     )
-    teardown.push(_writing_to(workdir)(manager.close))
-    teardown.push(_writing_to(workdir)(manager.wait_until_finished))
+    teardown.push(storage.writing_to(workdir)(manager.close))
+    teardown.push(storage.writing_to(workdir)(manager.wait_until_finished))
     preemption = checkpointing.PreemptionNotice()
     teardown.push(preemption.close)
     state = _initial_state(config, experiment, manager)
     _start(config, workdir, experiment, state, manager.latest_step())
     loop = _Loop(config, workdir, experiment, writer, manager, diagnose)
     return loop.run(state, preemption, placement)
-
-
-@contextlib.contextmanager
-def _writing_to(workdir: str):
-  """Turns a failed write into `workdir` into one line saying how to resume.
-
-  Writes to an object store are retried by its clients before they fail
-  (TensorFlow's 10 times, over about 3 minutes; TensorStore's too): by
-  then the storage is unreachable or refuses the writes. Usable as a
-  decorator too.
-  """
-  try:
-    yield
-  except UserError:
-    raise
-  except Exception as e:  # noqa: BLE001 - the file systems' many types.
-    raise UserError(
-      f'Writing to {workdir} failed: {first_line(e).rstrip(".")}. Once the '
-      'storage can be written again, run the same command to resume from '
-      'the last finished checkpoint.'
-    ) from e
 
 
 class _Teardown:
@@ -715,7 +694,7 @@ class _Loop:
     """Saves `state` once its metrics are known to be finite; the metric
     files are complete up to `step` before the checkpoint exists."""
     self._interval.check(step)
-    with _writing_to(self._workdir):
+    with storage.writing_to(self._workdir):
       self._writer.flush()
       with self.progress.timed('checkpoint'):
         checkpointing.save(self._manager, step, state, eval_results)
