@@ -7,7 +7,7 @@ ROOT/small and ROOT/large hold TFDS CIFAR-10 with 20 and 25 training images
 (`helpers.write_cifar10_archive`), ROOT/empty nothing. In each of `CASES`,
 in order and in the same processes, process p trains the tiny config on
 CIFAR-10 in the data_dir of its case, without downloading, into
-ROOT/work/CASE, and prints `CASE: ` and its error line (or `trained`).
+ROOT/runs/CASE, and prints `CASE: ` and its error line (or `trained`).
 Then both describe the same data: `agreed: N training images`.
 """
 
@@ -42,7 +42,7 @@ def main(root: str) -> None:
   for case, data in CASES.items():
     config = cifar10(root, data[me])
     try:
-      train.train_and_evaluate(config, os.path.join(root, 'work', case))
+      train.train_and_evaluate(config, os.path.join(root, 'runs', case))
       outcome = 'trained'
     except UserError as e:
       outcome = str(e)

@@ -352,4 +352,4 @@ def test_hosts_with_other_or_missing_data_stop_with_one_line(agreement):
     cases = '|'.join(expected)
     lines = re.findall(rf'\[process {process}\] ({cases}): (.*)', output)
     assert dict(lines) == expected, output[-3000:]
-  assert not (root / 'work').exists()
+  assert not (root / 'runs').exists()
